@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mdistiller_lakd",
+    version="0.1.0",
+    description="LAKD (local attention knowledge distillation) and its baselines, mdistiller-compatible",
+    packages=find_packages(include=["mdistiller_lakd", "mdistiller_lakd.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch",
+        "torchvision",
+        "yacs",
+        "tensorboardX",
+        "scipy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "viz": ["matplotlib"],
+    },
+)
