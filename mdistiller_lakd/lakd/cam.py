@@ -6,7 +6,59 @@ come from the unmodified model: its last spatial feature map and its classifier 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The model's classifier: its last ``nn.Linear`` (``fc``, ``linear`` or ``classifier``)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to read class maps from")
+    return linears[-1]
+
+
+def classifier_weight(model: nn.Module) -> torch.Tensor:
+    return classifier_of(model).weight
+
+
+class HeadMapHook:
+    """Records, during the model's normal forward, the spatial map that its classifier pools.
+
+    The map is found from the model's structure: the top-level child registered just before the
+    one holding the classifier. If that child is an average pool (ResNets, VGG, MobileNetV2,
+    torchvision ResNets) the map is its input; otherwise it is that child's output (the first item
+    of a ``(out, preact)`` tuple: ShuffleNetV1; WRN's final ReLU), passed through a ReLU when the
+    child is a BatchNorm, whose activation the forward applies functionally (ShuffleNetV2).
+    """
+
+    def __init__(self, model: nn.Module):
+        classifier = classifier_of(model)
+        children = list(model.named_children())
+        head = next(
+            i for i, (_, child) in enumerate(children)
+            if any(module is classifier for module in child.modules())
+        )
+        if head == 0:
+            raise ValueError(f"{type(model).__name__}: no feature module precedes the classifier")
+        self.source_name, source = children[head - 1]
+        self.map: torch.Tensor | None = None
+        if isinstance(source, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            self._handle = source.register_forward_pre_hook(self._record_input)
+        else:
+            self._activate = isinstance(source, nn.modules.batchnorm._BatchNorm)
+            self._handle = source.register_forward_hook(self._record_output)
+
+    def _record_input(self, module: nn.Module, inputs: tuple) -> None:
+        self.map = inputs[0]
+
+    def _record_output(self, module: nn.Module, inputs: tuple, output) -> None:
+        output = output[0] if isinstance(output, tuple) else output
+        self.map = F.relu(output) if self._activate else output
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.map = None
 
 
 def class_activation_maps(feature: torch.Tensor, classifier_weight: torch.Tensor) -> torch.Tensor:
