@@ -1,0 +1,147 @@
+"""CIFAR-10/100 read from the python-pickle files the CIFAR authors distribute, upstream's augmentation.
+
+The files are read here rather than through torchvision's CIFAR classes, which insist on the
+md5 sums of the full release; torchvision is only used to download them.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from yacs.config import CfgNode
+
+from .common import DatasetNotFoundError, IndexedDataset, crd_sampler, make_loaders
+
+# Upstream mdistiller normalises with CIFAR-100's statistics; we use them for CIFAR-10 as well.
+MEAN = (0.5071, 0.4867, 0.4408)
+STD = (0.2675, 0.2565, 0.2761)
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR release keeps its splits and labels, and where to get it."""
+
+    title: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+    url: str
+    torchvision_class: str  # looked up at download time, so tests can replace it
+
+
+LAYOUTS = {
+    "cifar100": CifarLayout(
+        "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels", 100,
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "CIFAR100",
+    ),
+    "cifar10": CifarLayout(
+        "CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",), "labels", 10,
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "CIFAR10",
+    ),
+}
+
+
+def _missing_files(root: str, layout: CifarLayout) -> list[str]:
+    paths = [os.path.join(root, layout.folder, name) for name in layout.train_files + layout.test_files]
+    return [path for path in paths if not os.path.isfile(path)]
+
+
+def ensure_cifar(root: str, layout: CifarLayout, download: bool) -> None:
+    """Make sure the split files exist under ``root``, downloading them if allowed."""
+    missing = _missing_files(root, layout)
+    if not missing:
+        return
+    reason = "DATASET.DOWNLOAD is False"
+    if download:
+        try:
+            getattr(torchvision.datasets, layout.torchvision_class)(root, train=True, download=True)
+        except (OSError, RuntimeError) as error:  # offline, proxy, full disk, corrupt archive
+            reason = f"downloading with torchvision failed: {error!r}"
+        missing = _missing_files(root, layout)
+        if not missing:
+            return
+    raise DatasetNotFoundError(
+        f"{layout.title} not found: missing {', '.join(missing)} ({reason}). Download the python "
+        f"version from {layout.url} and extract it under DATASET.ROOT ({root}) so that "
+        f"{os.path.join(root, layout.folder)} holds those files, or set DATASET.DOWNLOAD True on a "
+        "machine with network access."
+    )
+
+
+def _load_batch(path: str) -> dict:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    # Files pickled by Python 2 load with str keys, ones pickled by Python 3 with bytes keys.
+    return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
+
+
+def read_split(root: str, layout: CifarLayout, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The split's images as (N, 3, 32, 32) uint8 and its labels as (N,) int64."""
+    names = layout.train_files if train else layout.test_files
+    batches = [_load_batch(os.path.join(root, layout.folder, name)) for name in names]
+    images = np.concatenate([batch["data"] for batch in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([np.asarray(batch[layout.label_key], dtype=np.int64) for batch in batches])
+    return images, labels
+
+
+def reduce_per_class(labels: np.ndarray, rate: float, num_classes: int) -> np.ndarray:
+    """CAT-KD's data-reduction experiment: the first ``rate`` of each of the first classes."""
+    kept = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    return np.concatenate([indices[: int(len(indices) * rate)] for indices in kept])
+
+
+class CifarImages(Dataset):
+    """``(transformed PIL image, label)`` pairs, as torchvision's CIFAR classes give them."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: transforms.Compose) -> None:
+        self.images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # HWC, what PIL expects
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def train_transform() -> transforms.Compose:
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def test_transform() -> transforms.Compose:
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def cifar_loaders(cfg: CfgNode) -> tuple[DataLoader, DataLoader, int, int]:
+    """``get_dataset`` for DATASET.TYPE cifar100 / cifar10."""
+    layout = LAYOUTS[cfg.DATASET.TYPE]
+    root = cfg.DATASET.ROOT
+    ensure_cifar(root, layout, cfg.DATASET.DOWNLOAD)
+    train_images, train_labels = read_split(root, layout, train=True)
+    if cfg.DATASET.REDUCTION:
+        kept = reduce_per_class(train_labels, cfg.DATASET.RESERVED_RATE, cfg.DATASET.RESERVED_CLASS_NUM)
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    test_images, test_labels = read_split(root, layout, train=False)
+
+    train_set = IndexedDataset(
+        CifarImages(train_images, train_labels, train_transform()), crd_sampler(cfg, train_labels)
+    )
+    val_set = CifarImages(test_images, test_labels, test_transform())
+    train_loader, val_loader = make_loaders(train_set, val_set, cfg)
+    return train_loader, val_loader, len(train_set), layout.num_classes
