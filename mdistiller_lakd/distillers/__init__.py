@@ -1,6 +1,22 @@
 """The distiller registry: ``DISTILLER.TYPE`` -> class, under upstream mdistiller's names."""
 from ._base import Distiller, Vanilla
+from .AT import AT
+from .CAT_KD import CAT_KD
+from .CRD import CRD
+from .DKD import DKD
+from .FitNet import FitNet
+from .KD import KD
+from .OFD import OFD
+from .RKD import RKD
 
 distiller_dict = {
     "NONE": Vanilla,
+    "KD": KD,
+    "AT": AT,
+    "OFD": OFD,
+    "RKD": RKD,
+    "FITNET": FitNet,
+    "CRD": CRD,
+    "DKD": DKD,
+    "CAT_KD": CAT_KD,
 }
