@@ -1,0 +1,80 @@
+"""Models and distiller of a run, built from its config; the teacher loaded from its checkpoint."""
+from __future__ import annotations
+
+import os
+
+import torch.nn as nn
+from yacs.config import CfgNode
+
+from ..distillers import distiller_dict
+from ..models import cifar_model_dict, imagenet_model_dict
+from .cfg import ConfigError
+from .checkpoint import load_checkpoint, load_weights
+
+RELEASED_TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/tag/v0.1"
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    """No teacher checkpoint where the config points; the message says how to get one."""
+
+
+def build_model(name: str, dataset: str, num_classes: int, key: str, pretrained: bool = False) -> nn.Module:
+    """A fresh model ``name`` of the CIFAR or ImageNet zoo; ``key`` is the config key that named it."""
+    zoo = imagenet_model_dict if dataset == "imagenet" else cifar_model_dict
+    if name not in zoo:
+        raise ConfigError(f"{key}: unknown {dataset} model '{name}'; known: {', '.join(sorted(zoo))}")
+    if dataset == "imagenet":
+        return zoo[name](pretrained=pretrained)
+    return zoo[name][0](num_classes=num_classes)
+
+
+def _teacher_not_found(cfg: CfgNode, path: str | None) -> TeacherNotFoundError:
+    name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
+    own_run = os.path.join(cfg.LOG.PREFIX, f"{dataset}_baselines", f"vanilla,{name}", "student_best")
+    train_here = (
+        f"train it here: python tools/train.py --cfg configs/{dataset}/vanilla/{name}.yaml\n"
+        f"    then set DISTILLER.TEACHER_CKPT {own_run}"
+    )
+    if cfg.DISTILLER.TEACHER_CKPT:
+        return TeacherNotFoundError(
+            f"DISTILLER.TEACHER_CKPT: teacher checkpoint not found: {path}\n  - fix the path, or\n  - {train_here}"
+        )
+    if path is None:
+        return TeacherNotFoundError(
+            f"no released {dataset} teacher checkpoint for '{name}' (upstream mdistiller releases CIFAR-100 "
+            f"teachers only, for its teacher models)\n  - {train_here}"
+        )
+    return TeacherNotFoundError(
+        f"teacher checkpoint for '{name}' not found: {os.path.abspath(path)}\n"
+        f"  - put upstream mdistiller's released teachers there: download cifar_teachers.tar from "
+        f"{RELEASED_TEACHERS_URL} and untar it into download_ckpts/ so that this file exists, or\n"
+        f"  - {train_here}"
+    )
+
+
+def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
+    """The trained teacher ``DISTILLER.TEACHER`` in eval mode, read from ``DISTILLER.TEACHER_CKPT``
+    or, when that is empty, from upstream's released-teacher location (ImageNet: torchvision-style
+    pretrained weights). Fails with ``TeacherNotFoundError`` before any training when it is missing."""
+    name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
+    if dataset == "imagenet" and not cfg.DISTILLER.TEACHER_CKPT:
+        return build_model(name, dataset, num_classes, "DISTILLER.TEACHER", pretrained=True).eval()
+    model = build_model(name, dataset, num_classes, "DISTILLER.TEACHER")
+    path = cfg.DISTILLER.TEACHER_CKPT
+    if not path and dataset == "cifar100":
+        path = cifar_model_dict[name][1]
+    if not path or not os.path.isfile(path):
+        raise _teacher_not_found(cfg, path or None)
+    load_weights(model, load_checkpoint(path), path, name)
+    return model.eval()
+
+
+def build_distiller(cfg: CfgNode, num_classes: int) -> nn.Module:
+    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student (and the loaded teacher)."""
+    method = cfg.DISTILLER.TYPE
+    if method not in distiller_dict:
+        raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
+    student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
+    if method == "NONE":
+        return distiller_dict[method](student)
+    return distiller_dict[method](student, load_teacher(cfg, num_classes), cfg)

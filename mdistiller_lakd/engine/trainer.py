@@ -1,0 +1,284 @@
+"""The training loop shared by every distiller (upstream mdistiller's BaseTrainer/CRDTrainer behaviour).
+
+Output folder ``LOG.PREFIX/<experiment name>`` (see ``utils.experiment_name``):
+``worklog.txt`` (upstream's per-epoch blocks), ``train.events/`` (tensorboard), and checkpoints
+``latest``, ``best``, ``epoch_N`` (whole distiller, optimizer, epoch, best accuracy, RNG states) and
+``student_latest``, ``student_best``, ``student_N`` (the student's weights, architecture, dataset).
+``latest`` is written last in an epoch: it is the point a killed run resumes from.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+from yacs.config import CfgNode
+
+from .cfg import ConfigError
+from .checkpoint import atomic_write, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from .metrics import extracurricular_knowledge, top1_agreement
+from .utils import AverageMeter, accuracy, get_rng_state, learning_rate, log_msg, set_rng_state, validate
+
+# Names of the items of a training batch, in loader order; CRD's loader adds the last one.
+BATCH_ITEMS = ("image", "target", "index", "contrastive_index")
+WORKLOG_RULE = "-" * 25  # separates the worklog's per-epoch blocks, as upstream
+SUPPORTED_TRAINERS = ("base", "crd")  # upstream's SOLVER.TRAINER values this loop covers
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run stops and its last checkpoint stays as it was."""
+
+
+class Trainer:
+    def __init__(self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg: CfgNode):
+        if cfg.SOLVER.TYPE != "SGD":
+            raise ConfigError(f"SOLVER.TYPE: only SGD is supported, got '{cfg.SOLVER.TYPE}'")
+        if cfg.SOLVER.TRAINER not in SUPPORTED_TRAINERS:
+            raise ConfigError(f"SOLVER.TRAINER: '{cfg.SOLVER.TRAINER}' is not supported ({', '.join(SUPPORTED_TRAINERS)})")
+        learning_rate(cfg, 1)  # an unknown SOLVER.SCHEDULER fails here, before any training
+        self.cfg = cfg
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.distiller = distiller.to(self.device)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.optimizer = torch.optim.SGD(
+            distiller.get_learnable_parameters(),
+            lr=cfg.SOLVER.LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            nesterov=cfg.SOLVER.NESTEROV,
+        )
+        self.best_acc = -1.0
+        self.teacher_predictions = None  # (predictions, targets) on the validation set, computed once
+        self.clock = time.perf_counter  # what timings read; tests substitute a fake clock
+
+        self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
+        os.makedirs(self.log_path, exist_ok=True)
+        remove_stale_temp_files(self.log_path)
+        self.worklog_path = os.path.join(self.log_path, "worklog.txt")
+        self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
+        self.wandb = self._init_wandb(experiment_name)
+
+    def _init_wandb(self, experiment_name: str):
+        if not self.cfg.LOG.WANDB:
+            return None
+        try:
+            import wandb
+
+            wandb.init(project=self.cfg.EXPERIMENT.PROJECT, name=experiment_name, tags=self.cfg.EXPERIMENT.TAG.split(","))
+            return wandb
+        except Exception as error:  # a missing package, no login, no network: the run goes on
+            warnings.warn(f"LOG.WANDB: wandb is unavailable ({error!r}); logging to tensorboard and worklog.txt only")
+            return None
+
+    # ----------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self, resume: bool = False) -> None:
+        """Train epochs 1..SOLVER.EPOCHS, or, with ``resume``, the epochs after ``latest``'s."""
+        first_epoch = self._resume() + 1 if resume else self._start_fresh()
+        for epoch in range(first_epoch, self.cfg.SOLVER.EPOCHS + 1):
+            self.train_epoch(epoch)
+        print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
+        with open(self.worklog_path, "a") as worklog:
+            worklog.write(f"best_acc\t{self.best_acc:.2f}\n")
+        self.tf_writer.close()
+
+    def train_epoch(self, epoch: int) -> None:
+        """Train one epoch, validate, log, and save the checkpoints."""
+        lr = learning_rate(self.cfg, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        meters = self.train_pass(epoch)
+        log_dict = OrderedDict(train_acc=meters["top1"].avg, train_loss=meters["loss"].avg)
+        log_dict.update(self.evaluate())
+        improved = log_dict["test_acc"] >= self.best_acc
+        self.best_acc = max(self.best_acc, log_dict["test_acc"])
+        self._log_epoch(epoch, lr, log_dict, meters)
+        self._save(epoch, improved)
+
+    def train_pass(self, epoch: int) -> dict[str, AverageMeter]:
+        """One pass over the training set; returns the epoch's meters: ``data_time`` (waiting for
+        batches), ``train_time`` (steps), ``loss``, ``top1``, ``top5`` and ``train_losses/<key>`` for
+        each term of the distiller's losses_dict."""
+        meters = {name: AverageMeter() for name in ("data_time", "train_time", "loss", "top1", "top5")}
+        num_iter = len(self.train_loader)
+        bar = tqdm(total=num_iter, leave=False)
+        self.distiller.train()
+        step_end = self.clock()
+        for iteration, batch in enumerate(self.train_loader):
+            arrival = self.clock()
+            meters["data_time"].update(arrival - step_end)  # the wait for this batch
+            logits, target, loss_values = self.train_step(batch, epoch, iteration)
+            step_end = self.clock()
+            meters["train_time"].update(step_end - arrival)
+
+            batch_size = target.size(0)
+            acc1, acc5 = accuracy(logits, target, topk=(1, 5))
+            total_loss = sum(loss_values.values())
+            for name, value in (("loss", total_loss), ("top1", acc1), ("top5", acc5)):
+                meters[name].update(value, batch_size)
+            for key, value in loss_values.items():
+                meters.setdefault(f"train_losses/{key}", AverageMeter()).update(value, batch_size)
+            self._log_iteration((epoch - 1) * num_iter + iteration + 1, {"loss": total_loss, "top1": acc1, **loss_values})
+            bar.set_description(log_msg(
+                f"Epoch:{epoch}| Time(data):{meters['data_time'].avg:.3f}| Time(train):{meters['train_time'].avg:.3f}|"
+                f" Loss:{meters['loss'].avg:.4f}| Top-1:{meters['top1'].avg:.3f}| Top-5:{meters['top5'].avg:.3f}",
+                "TRAIN",
+            ))
+            bar.update()
+        bar.close()
+        return meters
+
+    def train_step(self, batch, epoch: int, iteration: int):
+        """One optimisation step on ``batch``; returns the logits (detached), the targets and the
+        mean of each loss term as floats. Raises ``NonFiniteLossError`` before updating any weight."""
+        inputs = {name: item.to(self.device, non_blocking=True) for name, item in zip(BATCH_ITEMS, batch)}
+        inputs["image"] = inputs["image"].float()
+        # Zeroed before the forward pass: a distiller may back-propagate some terms inside it.
+        self.optimizer.zero_grad(set_to_none=True)
+        logits, losses_dict = self.distiller(epoch=epoch, **inputs)
+        loss = sum(term.mean() for term in losses_dict.values())
+        # One device-to-host copy for every term's value.
+        term_values = torch.stack([term.detach().mean().float() for term in losses_dict.values()]).tolist()
+        loss_values = dict(zip(losses_dict, term_values))
+        self._check_finite(loss_values, epoch, iteration)
+        loss.backward()
+        self.optimizer.step()
+        return logits.detach(), inputs["target"], loss_values
+
+    def _check_finite(self, loss_values: dict[str, float], epoch: int, iteration: int) -> None:
+        bad = {key: value for key, value in loss_values.items() if not math.isfinite(value)}
+        if bad:
+            kept = os.path.join(self.log_path, "latest")
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, iteration {iteration + 1}/{len(self.train_loader)}: "
+                + ", ".join(f"{key}={value}" for key, value in bad.items())
+                + f". Training stopped; the last good checkpoint is {kept}"
+                + ("" if os.path.exists(kept) else " (none written yet)")
+                + ". Lower SOLVER.LR or the loss weights, then resume with --resume."
+            )
+
+    def evaluate(self) -> OrderedDict:
+        """Upstream's validation metrics and, for a distiller with a teacher, EK and agreement."""
+        self.distiller.eval()
+        student = validate(self.val_loader, lambda image: self.distiller(image=image), self.device)
+        metrics = OrderedDict(test_acc=student.top1, test_acc_top5=student.top5, test_loss=student.loss)
+        teacher = getattr(self.distiller, "teacher", None)
+        if teacher is not None:
+            teacher_pred, targets = self._teacher_predictions(teacher)
+            if not torch.equal(targets, student.targets):
+                raise RuntimeError("the validation loader changed its order between epochs; it must not shuffle")
+            metrics["test_ek"] = extracurricular_knowledge(student.predictions, teacher_pred, targets)
+            metrics["test_agreement"] = top1_agreement(student.predictions, teacher_pred)
+        return metrics
+
+    def _teacher_predictions(self, teacher: nn.Module):
+        if self.teacher_predictions is None:
+            teacher.eval()
+            result = validate(self.val_loader, lambda image: teacher(image)[0], self.device, desc="teacher ")
+            print(log_msg(f"Teacher top-1 on the validation set: {result.top1:.2f}", "INFO"))
+            self.teacher_predictions = (result.predictions, result.targets)
+        return self.teacher_predictions
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging
+
+    def _log_iteration(self, step: int, values: dict[str, float]) -> None:
+        if step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
+            lr = self.optimizer.param_groups[0]["lr"]
+            for key, value in {"lr": lr, **values}.items():
+                self.tf_writer.add_scalar(f"iter/{key}", value, step)
+
+    def _log_epoch(self, epoch: int, lr: float, log_dict: OrderedDict, meters: dict[str, AverageMeter]) -> None:
+        scalars = {**log_dict, "lr": lr}
+        scalars.update({key: meter.avg for key, meter in meters.items() if key.startswith("train_losses/")})
+        scalars.update({"time/data": meters["data_time"].avg, "time/train": meters["train_time"].avg})
+        for key, value in scalars.items():
+            self.tf_writer.add_scalar(key, value, epoch)
+        self.tf_writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({"current lr": lr, **scalars})
+            self.wandb.run.summary["best_acc"] = self.best_acc
+        # Upstream's worklog.txt block, which its tools and ours parse.
+        lines = [WORKLOG_RULE, f"epoch: {epoch}", f"lr: {lr:.2f}"]
+        lines += [f"{key}: {value:.2f}" for key, value in log_dict.items()]
+        lines.append(WORKLOG_RULE)
+        with open(self.worklog_path, "a") as worklog:
+            worklog.write("\n".join(lines) + "\n")
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _student_checkpoint(self) -> dict:
+        checkpoint = {
+            "model": self.distiller.student.state_dict(),
+            "arch": self.cfg.DISTILLER.STUDENT,
+            "dataset": self.cfg.DATASET.TYPE,
+        }
+        extras = getattr(self.distiller, "student_checkpoint_extras", None)
+        if extras is not None:
+            checkpoint.update(extras())
+        return checkpoint
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        state = {
+            "epoch": epoch,
+            "model": self.distiller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_acc": self.best_acc,
+            "rng": get_rng_state(),
+        }
+        student = self._student_checkpoint()
+        files = []
+        if improved:
+            files += [("best", state), ("student_best", student)]
+        if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
+            files += [(f"epoch_{epoch}", state), (f"student_{epoch}", student)]
+        # `latest` last: a run killed before it is written redoes this epoch and rewrites the rest.
+        files += [("student_latest", student), ("latest", state)]
+        for name, obj in files:
+            save_checkpoint(obj, os.path.join(self.log_path, name))
+
+    def _start_fresh(self) -> int:
+        if os.path.exists(os.path.join(self.log_path, "latest")):
+            print(log_msg(f"Overwriting the run in {self.log_path} (pass --resume to continue it)", "INFO"))
+        self._truncate_worklog(last_epoch=0)
+        return 1
+
+    def _resume(self) -> int:
+        """Restore ``latest``; returns its epoch."""
+        path = os.path.join(self.log_path, "latest")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {path}; start without --resume")
+        state = load_checkpoint(path)
+        self.distiller.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best_acc = state["best_acc"]
+        set_rng_state(state["rng"])
+        self._truncate_worklog(last_epoch=state["epoch"])
+        print(log_msg(f"Resuming {self.log_path} after epoch {state['epoch']}", "INFO"))
+        return state["epoch"]
+
+    def _truncate_worklog(self, last_epoch: int) -> None:
+        """Drop the worklog blocks of epochs after ``last_epoch`` (logged by a run that was killed
+        before it saved them) and the final best_acc line, so resuming never logs an epoch twice."""
+        if not os.path.exists(self.worklog_path):
+            return
+        with open(self.worklog_path) as worklog:
+            lines = worklog.read().splitlines(keepends=True)
+        keep = len(lines)
+        for i, line in enumerate(lines):
+            if line.startswith("best_acc"):
+                keep = i
+                break
+            if line.startswith("epoch: ") and int(line.split(":")[1]) > last_epoch:
+                keep = i - 1 if i > 0 and lines[i - 1].strip() == WORKLOG_RULE else i
+                break
+        atomic_write(self.worklog_path, lambda f: f.write("".join(lines[:keep]).encode()))

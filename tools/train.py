@@ -1,0 +1,45 @@
+"""Train a student: ``python tools/train.py --cfg configs/cifar100/lakd/res56_res20.yaml [--resume] [KEY VALUE ...]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from mdistiller_lakd.dataset import get_dataset
+from mdistiller_lakd.engine.build import build_distiller
+from mdistiller_lakd.engine.cfg import ConfigError, dump_cfg, load_cfg
+from mdistiller_lakd.engine.checkpoint import CheckpointError
+from mdistiller_lakd.engine.trainer import NonFiniteLossError, Trainer
+from mdistiller_lakd.engine.utils import experiment_name, log_msg, seed_everything
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("training for knowledge distillation.")
+    parser.add_argument("--cfg", type=str, required=True, help="a YAML config file")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its `latest` checkpoint")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. SOLVER.LR 0.1")
+    args = parser.parse_args(argv)
+
+    torch.backends.cudnn.benchmark = True
+    try:
+        cfg = load_cfg(args.cfg, args.opts)
+        seed_everything(cfg.EXPERIMENT.SEED)
+        print(log_msg("CONFIG:\n" + dump_cfg(cfg), "INFO"))
+        train_loader, val_loader, _, num_classes = get_dataset(cfg)
+        distiller = build_distiller(cfg, num_classes)
+        if cfg.DISTILLER.TYPE != "NONE":
+            print(log_msg(f"Extra parameters of {cfg.DISTILLER.TYPE}: {distiller.get_extra_parameters()}", "INFO"))
+        trainer = Trainer(experiment_name(cfg, args.opts), distiller, train_loader, val_loader, cfg)
+        trainer.train(resume=args.resume)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
