@@ -245,3 +245,67 @@ def test_imagenet_class_mismatch_is_named(imagenet_root):
     with pytest.raises(ValueError, match="class folders") as info:
         get_dataset(make_cfg(imagenet_root, "DATASET.TYPE", "imagenet"))
     assert os.path.join(imagenet_root, "val") in str(info.value)
+
+
+def tensor_cfg(root, *opts):
+    return make_cfg(root, "DATASET.PIPELINE", "tensor", "SOLVER.BATCH_SIZE", 24, *opts)
+
+
+def test_tensor_pipeline_val_batches_equal_the_torchvision_pipeline(cifar100_root):
+    _, torchvision_val, _, _ = get_dataset(make_cfg(cifar100_root))
+    _, tensor_val, _, num_classes = get_dataset(tensor_cfg(cifar100_root), device="cpu")
+    assert num_classes == 100 and len(list(tensor_val)) == len(tensor_val) == len(torchvision_val) == 4
+    for (image, target), (expected_image, expected_target) in zip(tensor_val, torchvision_val):
+        assert torch.equal(image, expected_image) and torch.equal(target, expected_target)
+
+
+def test_tensor_pipeline_batches_like_the_dataloader(cifar100_root):
+    train_loader, _, num_data, _ = get_dataset(tensor_cfg(cifar100_root))
+    sizes = [len(batch[0]) for batch in train_loader]
+    assert num_data == 64 and len(train_loader) == 3 and sizes == [24, 24, 16]  # last batch kept
+    image, target, index = next(iter(train_loader))
+    assert image.shape == (24, 3, 32, 32) and image.dtype == torch.float32
+    assert target.dtype == index.dtype == torch.int64
+
+
+def test_tensor_pipeline_crops_flips_and_covers_every_index_each_epoch(cifar100_root):
+    train_loader, _, _, _ = get_dataset(tensor_cfg(cifar100_root))
+    originals, labels = cifar_split(cifar100_root, "cifar100", train=True)
+    crops, orders = [], []
+    for epoch in range(10):
+        train_loader.set_epoch(epoch)
+        images, targets, indices = map(torch.cat, zip(*train_loader))
+        assert torch.equal(indices.sort().values, torch.arange(64))
+        assert torch.equal(targets, labels[indices])
+        crops += [crop_of(originals[index], image) for image, index in zip(to_uint8(images), indices)]
+        orders.append(indices)
+    assert None not in crops
+    shifts = torch.tensor([crop[:2] for crop in crops])
+    assert sorted(set(shifts.flatten().tolist())) == list(range(9))  # every offset of padding 4
+    assert 0.4 < np.mean([crop[2] for crop in crops]) < 0.6  # 640 flips of probability 1/2
+    assert not torch.equal(orders[0], orders[1])  # reshuffled
+
+
+def test_tensor_pipeline_same_seed_same_batches(cifar100_root):
+    first, _, _, _ = get_dataset(tensor_cfg(cifar100_root, "EXPERIMENT.SEED", 3))
+    second, _, _, _ = get_dataset(tensor_cfg(cifar100_root, "EXPERIMENT.SEED", 3))
+    other_seed, _, _, _ = get_dataset(tensor_cfg(cifar100_root, "EXPERIMENT.SEED", 4))
+    epoch_0 = list(first)
+    assert not torch.equal(list(first)[0][2], epoch_0[0][2])  # without set_epoch: the next epoch
+    first.set_epoch(0)
+    for repeat in (list(first), list(second)):
+        assert len(repeat) == len(epoch_0) == 3
+        for batch, same in zip(epoch_0, repeat):
+            assert all(torch.equal(a, b) for a, b in zip(batch, same))
+    assert not torch.equal(next(iter(other_seed))[2], epoch_0[0][2])
+
+
+@pytest.mark.parametrize("opts, named", [
+    (("DISTILLER.TYPE", "CRD"), "CRD"),
+    (("DATASET.TYPE", "imagenet"), "CIFAR only"),
+    (("DATASET.PIPELINE", "dali"), "'dali'"),
+])
+def test_tensor_pipeline_refuses_what_it_cannot_do(cifar100_root, opts, named):
+    with pytest.raises(ValueError, match="DATASET.PIPELINE") as info:
+        get_dataset(tensor_cfg(cifar100_root, *opts))
+    assert named in str(info.value)

@@ -1,25 +1,53 @@
 """Training and validation loaders for CIFAR-100, CIFAR-10 and ImageNet, as upstream mdistiller builds them.
 
 Training batches are ``(image, target, index)``, with CRD's ``contrastive_index`` (B, K + 1) appended
-when DISTILLER.TYPE is CRD; validation batches are ``(image, target)``.
+when DISTILLER.TYPE is CRD; validation batches are ``(image, target)``. DATASET.PIPELINE "tensor"
+swaps CIFAR's per-image DataLoader for ``TensorCifarLoader`` (batched augmentation, data on ``device``,
+``set_epoch``).
 """
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
+from ..engine.cfg import ConfigError
 from .cifar import LAYOUTS, cifar_loaders
+from .cifar_tensor import TensorCifarLoader
 from .common import DatasetNotFoundError
 from .imagenet import imagenet_loaders
 
-__all__ = ["DatasetNotFoundError", "get_dataset"]
+__all__ = ["DatasetNotFoundError", "TensorCifarLoader", "get_dataset"]
 
 
-def get_dataset(cfg: CfgNode) -> tuple[DataLoader, DataLoader, int, int]:
-    """``(train_loader, val_loader, num_data, num_classes)`` for ``cfg.DATASET.TYPE``."""
+def _check_pipeline(cfg: CfgNode) -> None:
+    pipeline = cfg.DATASET.PIPELINE
+    if pipeline not in ("torchvision", "tensor"):
+        raise ConfigError(f"DATASET.PIPELINE must be 'torchvision' or 'tensor', got {pipeline!r}")
+    if pipeline == "tensor" and cfg.DATASET.TYPE not in LAYOUTS:
+        raise ConfigError(
+            f"DATASET.PIPELINE 'tensor' is for CIFAR only; use 'torchvision' with DATASET.TYPE "
+            f"{cfg.DATASET.TYPE!r}"
+        )
+    if pipeline == "tensor" and cfg.DISTILLER.TYPE == "CRD":
+        raise ConfigError(
+            "DATASET.PIPELINE 'tensor' does not draw CRD's contrastive indices; use 'torchvision' "
+            "with DISTILLER.TYPE CRD"
+        )
+
+
+def get_dataset(
+    cfg: CfgNode, device: torch.device | str | None = None
+) -> tuple[DataLoader | TensorCifarLoader, DataLoader | TensorCifarLoader, int, int]:
+    """``(train_loader, val_loader, num_data, num_classes)`` for ``cfg.DATASET.TYPE``.
+
+    ``device`` is where the tensor pipeline keeps the data and yields its batches (CPU when None);
+    DataLoader batches are always on the CPU.
+    """
     kind = cfg.DATASET.TYPE
-    if kind in LAYOUTS:
-        return cifar_loaders(cfg)
+    if kind not in LAYOUTS and kind != "imagenet":
+        raise ConfigError(f"DATASET.TYPE {kind!r} is not supported; use one of {sorted(LAYOUTS) + ['imagenet']}")
+    _check_pipeline(cfg)
     if kind == "imagenet":
         return imagenet_loaders(cfg)
-    raise ValueError(f"DATASET.TYPE {kind!r} is not supported; use one of {sorted(LAYOUTS) + ['imagenet']}")
+    return cifar_loaders(cfg, device)

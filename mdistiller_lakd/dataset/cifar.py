@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from yacs.config import CfgNode
 
+from .cifar_tensor import TensorCifarLoader
 from .common import DatasetNotFoundError, IndexedDataset, crd_sampler, make_loaders
 
 # Upstream mdistiller normalises with CIFAR-100's statistics; we use them for CIFAR-10 as well.
@@ -124,12 +125,14 @@ def train_transform() -> transforms.Compose:
     ])
 
 
-def test_transform() -> transforms.Compose:
+def eval_transform() -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
-def cifar_loaders(cfg: CfgNode) -> tuple[DataLoader, DataLoader, int, int]:
-    """``get_dataset`` for DATASET.TYPE cifar100 / cifar10."""
+def cifar_loaders(
+    cfg: CfgNode, device: torch.device | str | None = None
+) -> tuple[DataLoader | TensorCifarLoader, DataLoader | TensorCifarLoader, int, int]:
+    """``get_dataset`` for DATASET.TYPE cifar100 / cifar10; ``device`` holds the tensor pipeline's data."""
     layout = LAYOUTS[cfg.DATASET.TYPE]
     root = cfg.DATASET.ROOT
     ensure_cifar(root, layout, cfg.DATASET.DOWNLOAD)
@@ -139,9 +142,16 @@ def cifar_loaders(cfg: CfgNode) -> tuple[DataLoader, DataLoader, int, int]:
         train_images, train_labels = train_images[kept], train_labels[kept]
     test_images, test_labels = read_split(root, layout, train=False)
 
+    if cfg.DATASET.PIPELINE == "tensor":
+        seed = cfg.EXPERIMENT.SEED if cfg.EXPERIMENT.SEED >= 0 else int(torch.randint(2**62, ()))
+        train_loader = TensorCifarLoader(
+            train_images, train_labels, cfg.SOLVER.BATCH_SIZE, MEAN, STD, device, train=True, seed=seed
+        )
+        val_loader = TensorCifarLoader(test_images, test_labels, cfg.DATASET.TEST.BATCH_SIZE, MEAN, STD, device)
+        return train_loader, val_loader, len(train_labels), layout.num_classes
     train_set = IndexedDataset(
         CifarImages(train_images, train_labels, train_transform()), crd_sampler(cfg, train_labels)
     )
-    val_set = CifarImages(test_images, test_labels, test_transform())
+    val_set = CifarImages(test_images, test_labels, eval_transform())
     train_loader, val_loader = make_loaders(train_set, val_set, cfg)
     return train_loader, val_loader, len(train_set), layout.num_classes

@@ -23,7 +23,7 @@ def train_transform() -> transforms.Compose:
     ])
 
 
-def test_transform() -> transforms.Compose:
+def eval_transform() -> transforms.Compose:
     return transforms.Compose([
         transforms.Resize(256),
         transforms.CenterCrop(224),
@@ -44,7 +44,7 @@ def imagenet_loaders(cfg: CfgNode) -> tuple[DataLoader, DataLoader, int, int]:
             "class folders), or point DATASET.ROOT at the folder that holds them."
         )
     train_images = ImageFolder(train_dir, transform=train_transform())
-    val_images = ImageFolder(val_dir, transform=test_transform())
+    val_images = ImageFolder(val_dir, transform=eval_transform())
     if val_images.classes != train_images.classes:
         raise ValueError(
             f"the class folders of {val_dir} ({len(val_images.classes)}) differ from those of "
