@@ -309,3 +309,12 @@ def test_extracurricular_knowledge_and_agreement():
     assert extracurricular_knowledge(student, teacher, target) == pytest.approx(200 / 3)
     assert top1_agreement(student, teacher) == pytest.approx(20.0)
     assert extracurricular_knowledge(target, target, target) == 0.0
+
+
+def test_wandb_unavailable_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.warns(UserWarning, match="LOG.WANDB") as warned:
+        trainer = tiny_trainer(tmp_path, Vanilla(TinyNet()), "LOG.WANDB", True, "SOLVER.EPOCHS", 1)
+        trainer.train()
+    assert len([w for w in warned if "LOG.WANDB" in str(w.message)]) == 1
+    assert load_checkpoint(os.path.join(str(tmp_path), "tiny", "latest"))["epoch"] == 1

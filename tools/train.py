@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_cfg(args.cfg, args.opts)
         seed_everything(cfg.EXPERIMENT.SEED)
         print(log_msg("CONFIG:\n" + dump_cfg(cfg), "INFO"))
-        train_loader, val_loader, _, num_classes = get_dataset(cfg)
-        distiller = build_distiller(cfg, num_classes)
+        train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
+        distiller = build_distiller(cfg, num_classes, num_data)
         if cfg.DISTILLER.TYPE != "NONE":
             print(log_msg(f"Extra parameters of {cfg.DISTILLER.TYPE}: {distiller.get_extra_parameters()}", "INFO"))
         trainer = Trainer(experiment_name(cfg, args.opts), distiller, train_loader, val_loader, cfg)

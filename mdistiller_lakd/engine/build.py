@@ -11,6 +11,7 @@ from ..models import cifar_model_dict, imagenet_model_dict
 from .cfg import ConfigError
 from .checkpoint import load_checkpoint, load_weights
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASED_TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/tag/v0.1"
 
 
@@ -31,10 +32,10 @@ def build_model(name: str, dataset: str, num_classes: int, key: str, pretrained:
 def _teacher_not_found(cfg: CfgNode, path: str | None) -> TeacherNotFoundError:
     name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
     own_run = os.path.join(cfg.LOG.PREFIX, f"{dataset}_baselines", f"vanilla,{name}", "student_best")
-    train_here = (
-        f"train it here: python tools/train.py --cfg configs/{dataset}/vanilla/{name}.yaml\n"
-        f"    then set DISTILLER.TEACHER_CKPT {own_run}"
-    )
+    config = f"configs/{dataset}/vanilla/{name}.yaml"
+    if not os.path.isfile(os.path.join(REPO_ROOT, config)):
+        config += f" (a copy of configs/{dataset}/vanilla/resnet56.yaml with {name} for resnet56)"
+    train_here = f"train it here: python tools/train.py --cfg {config}\n    then set DISTILLER.TEACHER_CKPT {own_run}"
     if cfg.DISTILLER.TEACHER_CKPT:
         return TeacherNotFoundError(
             f"DISTILLER.TEACHER_CKPT: teacher checkpoint not found: {path}\n  - fix the path, or\n  - {train_here}"
@@ -69,12 +70,16 @@ def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
     return model.eval()
 
 
-def build_distiller(cfg: CfgNode, num_classes: int) -> nn.Module:
-    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student (and the loaded teacher)."""
+def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
+    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student (and the loaded teacher); CRD's
+    memory banks also take the training-set size ``num_data``, as upstream."""
     method = cfg.DISTILLER.TYPE
     if method not in distiller_dict:
         raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
     student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
     if method == "NONE":
         return distiller_dict[method](student)
-    return distiller_dict[method](student, load_teacher(cfg, num_classes), cfg)
+    teacher = load_teacher(cfg, num_classes)
+    if method == "CRD":
+        return distiller_dict[method](student, teacher, cfg, num_data=num_data)
+    return distiller_dict[method](student, teacher, cfg)

@@ -36,6 +36,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
+    """Trains ``distiller`` with SGD over its learnable parameters, validating after every epoch.
+
+    ``train()`` runs the epochs; ``train_epoch`` is one epoch (training pass, validation, logs,
+    checkpoints); ``train_step`` is one optimisation step.
+    """
+
     def __init__(self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg: CfgNode):
         if cfg.SOLVER.TYPE != "SGD":
             raise ConfigError(f"SOLVER.TYPE: only SGD is supported, got '{cfg.SOLVER.TYPE}'")
