@@ -100,8 +100,9 @@ def test_folder_names_as_upstream_builds_them():
     assert split_overrides("kd,res56,res20SOLVER.LR:0.1,EXPERIMENT.SEED:2") == (
         "kd,res56,res20", ["SOLVER.LR:0.1", "EXPERIMENT.SEED:2"])
     assert split_overrides("dkd,wrn_40_2,wrn_16_2") == ("dkd,wrn_40_2,wrn_16_2", [])
-    assert [canonical_model(name) for name in ("res56", "res8x4", "res50", "res34", "mv2", "shuv2", "wrn_40_2")] == [
-        "resnet56", "resnet8x4", "ResNet50", "ResNet34", "MobileNetV2", "ShuffleV2", "wrn_40_2"]
+    names = ("res56", "res8x4", "res50", "res34", "resnet34", "resnet110", "mv2", "shuv2", "wrn_40_2")
+    assert [canonical_model(name) for name in names] == [
+        "resnet56", "resnet8x4", "ResNet50", "ResNet34", "ResNet34", "resnet110", "MobileNetV2", "ShuffleV2", "wrn_40_2"]
 
 
 def test_run_from_folder_name_or_config(results):
@@ -184,3 +185,15 @@ def test_plot_without_matplotlib_names_the_extra(results, tmp_path, monkeypatch,
     assert compare_main([str(results / "ours"), "--plot", str(tmp_path / "x.png")]) == 2
     assert 'pip install -e ".[viz]"' in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cat_kd_folders_need_their_config(tmp_path, capsys):
+    """CAT-KD names runs by NAME ("res56_res20"): read with the config copied in, else skipped."""
+    run = write_run(tmp_path / "res56_res20" / "res56_res20", upstream_worklog(UPSTREAM_KD))
+    assert compare_main([str(tmp_path)]) == 1
+    assert "copy the config the run was trained with into the folder as config.yaml" in capsys.readouterr().err
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write('DISTILLER:\n  TYPE: "CAT-KD"\n  TEACHER: "resnet56"\n  STUDENT: "resnet20"\n'
+                "SOLVER:\n  EPOCHS: 4\nif_test: True\ndevice: 0\n")
+    assert compare_main([str(tmp_path)]) == 0
+    assert table_rows(capsys.readouterr().out)[0][1:3] == ["resnet56 → resnet20", "CAT_KD"]

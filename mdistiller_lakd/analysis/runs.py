@@ -29,7 +29,7 @@ _RULE = re.compile(r"^-{5,}$")
 _BEST_LINE = re.compile(r"^best_acc[\s:]+(\S+)$")
 # An override tag "KEY.PATH:value"; upstream glues the first one to the tag ("res20SOLVER.LR:0.1").
 _OVERRIDE = re.compile(r"[A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)+:")
-# Upstream's short model names in tags; "resN" is resnetN, or ResNetN for the ImageNet-style depths.
+# Upstream's short model names in tags (ResNets are handled by `canonical_model`).
 _MODEL_ALIASES = {"mv2": "MobileNetV2", "shuv1": "ShuffleV1", "shuv2": "ShuffleV2"}
 _IMAGENET_RESNET_DEPTHS = {"18", "34", "50", "101", "152"}
 _DATASETS = ("cifar100", "cifar10", "tiny_imagenet", "imagenet")  # longest match first
@@ -120,10 +120,11 @@ def parse_worklog(text: str) -> tuple[dict[int, dict[str, float]], float | None]
 
 
 def canonical_model(name: str) -> str:
-    """Upstream's tag spelling of a model ("res56", "mv2") as its model-zoo name ("resnet56", "MobileNetV2")."""
+    """A model named in a tag ("res56", "resnet34", "mv2") by its model-zoo name ("resnet56",
+    "ResNet34", "MobileNetV2"): ResNets of the ImageNet-style depths are the capitalised ones."""
     if name in _MODEL_ALIASES:
         return _MODEL_ALIASES[name]
-    match = re.fullmatch(r"res(\d+(?:x\d+)?)", name)
+    match = re.fullmatch(r"res(?:net)?(\d+(?:x\d+)?)", name, flags=re.IGNORECASE)
     if match:
         depth = match.group(1)
         return f"ResNet{depth}" if depth in _IMAGENET_RESNET_DEPTHS else f"resnet{depth}"
@@ -131,8 +132,10 @@ def canonical_model(name: str) -> str:
 
 
 def canonical_method(name: str) -> str:
-    """Method names as compared across projects: upper case, ``vanilla`` for training from scratch."""
-    return FROM_SCRATCH if name.upper() in ("NONE", "VANILLA") else name.upper()
+    """Method names as compared across projects: upper case with '_' ("CAT-KD" is "CAT_KD"),
+    ``vanilla`` for training from scratch."""
+    name = name.upper().replace("-", "_")
+    return FROM_SCRATCH if name in ("NONE", "VANILLA") else name
 
 
 def split_overrides(name: str) -> tuple[str, list[str]]:
@@ -191,7 +194,8 @@ def read_run(path: str) -> Run:
     parts = [part for part in tag.split(",") if part]
     if len(parts) < 2:
         raise RunError(
-            f"{path}: no {CONFIG_FILE} and the folder name is not upstream's 'method,teacher,student' tag"
+            f"{path}: no {CONFIG_FILE}, and the folder name is not a 'method,teacher,student' tag; copy the "
+            f"config the run was trained with into the folder as {CONFIG_FILE}"
         )
     method = canonical_method(parts[0])
     teacher = None if method == FROM_SCRATCH or len(parts) < 3 else canonical_model(parts[1])

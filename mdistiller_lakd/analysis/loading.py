@@ -1,0 +1,113 @@
+"""A trained run, ready to analyse: its config, student (NDAM re-attached), teacher and validation images."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+from yacs.config import CfgNode
+
+from ..dataset import get_dataset
+from ..engine.build import build_model, load_teacher
+from ..engine.cfg import load_cfg
+from ..engine.checkpoint import load_checkpoint, load_weights
+from .runs import CONFIG_FILE, canonical_method
+
+
+@dataclass
+class LoadedRun:
+    path: str
+    cfg: CfgNode
+    student: nn.Module  # in eval mode, on the device
+    checkpoint: str  # the student checkpoint file read
+
+    @property
+    def label(self) -> str:
+        """The method and the folder name, e.g. ``LAKD: lakd,res56,res20``."""
+        return f"{canonical_method(self.cfg.DISTILLER.TYPE)}: {os.path.basename(os.path.normpath(self.path))}"
+
+    @property
+    def teacher_source(self) -> tuple[str, str]:
+        """What identifies the teacher: architecture and checkpoint setting."""
+        return self.cfg.DISTILLER.TEACHER, self.cfg.DISTILLER.TEACHER_CKPT
+
+
+def run_config(run_dir: str, fallback_cfg: str | None, opts: Sequence[str] = ()) -> CfgNode:
+    """The config saved in ``run_dir`` (else ``fallback_cfg``) with ``opts`` overrides. The
+    validation images are read through the torchvision pipeline: the same values as the tensor one,
+    and a dataset that can be indexed."""
+    saved = os.path.join(run_dir, CONFIG_FILE)
+    path = saved if os.path.isfile(saved) else fallback_cfg
+    if path is None:
+        raise FileNotFoundError(
+            f"{run_dir}: no {CONFIG_FILE} in the run folder; pass the config it was trained with: --cfg FILE"
+        )
+    return load_cfg(path, [*opts, "DATASET.PIPELINE", "torchvision"])
+
+
+def load_student(run_dir: str, cfg: CfgNode, checkpoint_name: str, num_classes: int) -> nn.Module:
+    """The student saved as ``run_dir/checkpoint_name``, NDAM re-attached when it was trained with it."""
+    path = os.path.join(run_dir, checkpoint_name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: no student checkpoint '{checkpoint_name}' (choose one with --ckpt)")
+    checkpoint = load_checkpoint(path)
+    arch = checkpoint.get("arch", cfg.DISTILLER.STUDENT)
+    student = build_model(arch, cfg.DATASET.TYPE, num_classes, f"{path}: arch")
+    load_weights(student, checkpoint, path, arch)
+    if "ndam" in checkpoint:
+        # NDAM is part of the trained student's forward: it is analysed as it was trained.
+        from ..lakd.ndam import attach_ndam
+
+        attach_ndam(student, **checkpoint["ndam"])
+    return student.eval()
+
+
+def load_runs(
+    run_dirs: Sequence[str], fallback_cfg: str | None, opts: Sequence[str], checkpoint_name: str,
+    device: torch.device,
+) -> tuple[list[LoadedRun], nn.Module, DataLoader]:
+    """The runs' students, the teacher of the first run and its validation loader. The runs must
+    share the teacher and the dataset: their results are drawn against one teacher."""
+    configs = [run_config(run_dir, fallback_cfg, opts) for run_dir in run_dirs]
+    first = configs[0]
+    for run_dir, cfg in zip(run_dirs, configs):
+        mismatch = [key for key, a, b in (
+            ("DATASET.TYPE", cfg.DATASET.TYPE, first.DATASET.TYPE),
+            ("DISTILLER.TEACHER", cfg.DISTILLER.TEACHER, first.DISTILLER.TEACHER),
+            ("DISTILLER.TEACHER_CKPT", cfg.DISTILLER.TEACHER_CKPT, first.DISTILLER.TEACHER_CKPT),
+        ) if a != b]
+        if mismatch:
+            raise ValueError(
+                f"{run_dir}: its {', '.join(mismatch)} differs from {run_dirs[0]}'s; analyse runs with different "
+                "teachers or datasets separately, or give all one teacher: --opts DISTILLER.TEACHER NAME "
+                "DISTILLER.TEACHER_CKPT FILE"
+            )
+    _, val_loader, _, num_classes = get_dataset(first)
+    runs = [
+        LoadedRun(run_dir, cfg, load_student(run_dir, cfg, checkpoint_name, num_classes).to(device), checkpoint_name)
+        for run_dir, cfg in zip(run_dirs, configs)
+    ]
+    teacher = load_teacher(first, num_classes).to(device)
+    return runs, teacher, val_loader
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` indices spread over ``range(total)`` (ImageNet's validation folder is sorted by
+    class); all of them when ``count`` is 0 or more than ``total``."""
+    count = total if count <= 0 else min(count, total)
+    return [i * total // count for i in range(count)]
+
+
+def subset_loader(val_loader: DataLoader, indices: Sequence[int], batch_size: int | None = None) -> DataLoader:
+    """The validation images at ``indices``, in that order, without shuffling."""
+    size = len(val_loader.dataset)
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise IndexError(f"image indices {bad} are outside the validation set (0..{size - 1})")
+    return DataLoader(
+        Subset(val_loader.dataset, list(indices)), batch_size=batch_size or val_loader.batch_size,
+        shuffle=False, num_workers=val_loader.num_workers,
+    )
