@@ -116,8 +116,10 @@ def finished_run(tmp_path_factory):
 
 def test_run_writes_upstream_layout(finished_run):
     _, run_dir = finished_run
-    for name in CHECKPOINTS + ["worklog.txt", "train.events"]:
+    for name in CHECKPOINTS + ["worklog.txt", "train.events", "config.yaml"]:
         assert os.path.exists(os.path.join(run_dir, name)), name
+    saved = load_cfg(os.path.join(run_dir, "config.yaml"))
+    assert saved.DISTILLER.STUDENT == "resnet8" and saved.LOG.PREFIX == os.path.dirname(os.path.dirname(run_dir))
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
 
     blocks, last_line = worklog_blocks(run_dir)

@@ -1,7 +1,8 @@
 """The training loop shared by every distiller (upstream mdistiller's BaseTrainer/CRDTrainer behaviour).
 
 Output folder ``LOG.PREFIX/<experiment name>`` (see ``utils.experiment_name``):
-``worklog.txt`` (upstream's per-epoch blocks), ``train.events/`` (tensorboard), and checkpoints
+``worklog.txt`` (upstream's per-epoch blocks), ``train.events/`` (tensorboard), ``config.yaml`` (the
+run's full config), and checkpoints
 ``latest``, ``best``, ``epoch_N`` (whole distiller, optimizer, epoch, best accuracy, RNG states) and
 ``student_latest``, ``student_best``, ``student_N`` (the student's weights, architecture, dataset).
 ``latest`` is written last in an epoch: it is the point a killed run resumes from.
@@ -68,6 +69,8 @@ class Trainer:
         os.makedirs(self.log_path, exist_ok=True)
         remove_stale_temp_files(self.log_path)
         self.worklog_path = os.path.join(self.log_path, "worklog.txt")
+        # The full config the run trains with, for analysis tools (loads back with load_cfg).
+        atomic_write(os.path.join(self.log_path, "config.yaml"), lambda f: f.write(cfg.dump().encode()))
         self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
         self.wandb = self._init_wandb(experiment_name)
 
