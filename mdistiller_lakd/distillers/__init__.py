@@ -6,6 +6,7 @@ from .CRD import CRD
 from .DKD import DKD
 from .FitNet import FitNet
 from .KD import KD
+from .LAKD import LAKD
 from .OFD import OFD
 from .RKD import RKD
 
@@ -19,4 +20,5 @@ distiller_dict = {
     "CRD": CRD,
     "DKD": DKD,
     "CAT_KD": CAT_KD,
+    "LAKD": LAKD,
 }
