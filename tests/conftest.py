@@ -8,6 +8,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fake_cifar import write_cifar  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Upstream mdistiller's CIFAR zoo contract (state_dict keys/shapes, output shapes), a copy of the
+# project's shared/compat/mdistiller_cifar_models.json so the tests run from any clone.
+CONTRACT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mdistiller_cifar_models.json")
 
 # The CI machine has two cores; more threads only contend.
 torch.set_num_threads(min(2, torch.get_num_threads()))

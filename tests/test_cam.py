@@ -1,18 +1,15 @@
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT
+from conftest import CONTRACT_PATH
 from mdistiller_lakd.lakd.cam import HeadMapHook, cat_loss, class_activation_maps, classifier_of
-
-COMPAT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "compat", "mdistiller_cifar_models.json")
 
 
 def cifar_model_names():
-    with open(COMPAT) as f:
+    with open(CONTRACT_PATH) as f:
         return sorted(json.load(f)["models"])
 
 

@@ -1,4 +1,4 @@
-"""The model zoos against upstream mdistiller's contract (shared/compat JSON) and op order."""
+"""The model zoos against upstream mdistiller's contract (tests/data JSON) and op order."""
 import functools
 import json
 import os
@@ -12,11 +12,8 @@ import torchvision
 from mdistiller_lakd.models import cifar_model_dict, imagenet_model_dict
 from mdistiller_lakd.models.layers import ChannelShuffle
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Upstream's CIFAR zoo (keys, shapes, outputs), from the project's shared material.
-CONTRACT_PATH = os.path.join(os.path.dirname(REPO_ROOT), "shared", "compat", "mdistiller_cifar_models.json")
-if not os.path.exists(CONTRACT_PATH):
-    pytest.skip(f"upstream model contract not found at {CONTRACT_PATH}", allow_module_level=True)
+from conftest import CONTRACT_PATH, REPO_ROOT
+
 with open(CONTRACT_PATH) as handle:
     CONTRACT = json.load(handle)["models"]
 NAMES = sorted(CONTRACT)
