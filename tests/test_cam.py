@@ -13,24 +13,32 @@ def cifar_model_names():
         return sorted(json.load(f)["models"])
 
 
-@pytest.mark.parametrize("name", cifar_model_names())
+def build(name):
+    from mdistiller_lakd.models import cifar_model_dict, imagenet_model_dict
+
+    if name in imagenet_model_dict:
+        return imagenet_model_dict[name](num_classes=10), 64
+    return cifar_model_dict[name][0](num_classes=10), 32
+
+
+@pytest.mark.parametrize("name", cifar_model_names() + ["ResNet18", "MobileNetV1"])
 def test_head_map_pools_to_the_logits(name):
     # The recorded map is what the head pools: its class maps, averaged over positions, plus the
     # classifier bias give back the model's logits. This pins the map for every family.
-    from mdistiller_lakd.models import cifar_model_dict
-
     torch.manual_seed(0)
-    model = cifar_model_dict[name][0](num_classes=10).eval()
+    model, size = build(name)
+    model.eval()
     hook = HeadMapHook(model)
     with torch.no_grad():
-        logits, feats = model(torch.randn(2, 3, 32, 32))
+        logits, feats = model(torch.randn(2, 3, size, size))
     classifier = classifier_of(model)
     cams = class_activation_maps(hook.map, classifier.weight)
     assert hook.map.dim() == 4 and cams.shape[:2] == (2, 10)
     torch.testing.assert_close(hook.map.mean(dim=(2, 3)), feats["pooled_feat"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cams.mean(dim=(2, 3)) + classifier.bias, logits, rtol=1e-4, atol=1e-4)
+    assert hook.map.shape[-1] > 1  # a spatial map, not the pooled vector
     hook.remove()
-    model(torch.randn(1, 3, 32, 32))
+    model(torch.randn(1, 3, size, size))
     assert hook.map is None
 
 

@@ -22,12 +22,16 @@ def classifier_weight(model: nn.Module) -> torch.Tensor:
     return classifier_of(model).weight
 
 
+_AVERAGE_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
 class HeadMapHook:
     """Records, during the model's normal forward, the spatial map that its classifier pools.
 
     The map is found from the model's structure: the top-level child registered just before the
     one holding the classifier. If that child is an average pool (ResNets, VGG, MobileNetV2,
-    torchvision ResNets) the map is its input; otherwise it is that child's output (the first item
+    torchvision ResNets) or a Sequential ending in one (MobileNetV1) the map is the pool's input;
+    otherwise it is that child's output (the first item
     of a ``(out, preact)`` tuple: ShuffleNetV1; WRN's final ReLU), passed through a ReLU when the
     child is a BatchNorm, whose activation the forward applies functionally (ShuffleNetV2).
     """
@@ -43,7 +47,9 @@ class HeadMapHook:
             raise ValueError(f"{type(model).__name__}: no feature module precedes the classifier")
         self.source_name, source = children[head - 1]
         self.map: torch.Tensor | None = None
-        if isinstance(source, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        if isinstance(source, nn.Sequential) and isinstance(source[-1], _AVERAGE_POOLS):
+            source = source[-1]
+        if isinstance(source, _AVERAGE_POOLS):
             self._handle = source.register_forward_pre_hook(self._record_input)
         else:
             self._activate = isinstance(source, nn.modules.batchnorm._BatchNorm)
