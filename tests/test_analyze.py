@@ -258,23 +258,35 @@ def test_run_without_config_needs_cfg(runs, viz, tmp_path, capsys):
                          "--ckpt", "student_best"]) == 0
 
 
-def test_student_checkpoint_with_ndam_is_analysed_with_it(runs, viz, tmp_path, monkeypatch):
-    """A checkpoint's "ndam" entry reaches attach_ndam, as tools/eval.py passes it."""
-    calls = []
-    ndam = pytest.importorskip("mdistiller_lakd.lakd.ndam")
-    monkeypatch.setattr(ndam, "attach_ndam", lambda model, **entry: calls.append((type(model).__name__, entry)))
+def test_student_checkpoint_with_ndam_is_analysed_with_it(runs, viz, tmp_path):
+    """A student checkpoint's "ndam" entry re-attaches LAKD's NDAM before the analysis."""
+    from mdistiller_lakd.lakd.ndam import attach_ndam
+
     folder = tmp_path / "lakd,res8,res8"
     os.makedirs(folder)
     _write_config(str(folder / "config.yaml"), "KD", runs["root"], runs["teacher"])
-    entry = {"locations": [1], "abs": True, "avg_weight": 0.3, "max_weight": 0.7}
+    entry = {"locations": [1, 2, 3], "abs": True, "avg_weight": 0.3, "max_weight": 0.7}
     save_checkpoint({"model": _model(5).state_dict(), "arch": ARCH, "ndam": entry}, str(folder / "student_best"))
-    assert analyze_main(["ek", str(folder), "--out", str(tmp_path / "ek.png")]) == 0
-    assert calls == [("ResNet", entry)]
+    out = str(tmp_path / "maps.png")
+    assert analyze_main(["maps", str(folder), "--images", "1", "2", "--out", out]) == 0
+    with open(str(tmp_path / "maps.json")) as f:
+        analysed = torch.tensor(json.load(f)["models"][1]["activation"])
+
+    images, _ = _images(runs, [1, 2])
+    model = _load(str(folder / "student_best"))
+    hook = HeadMapHook(model)
+    with torch.no_grad():
+        model(images)
+        plain = hook.map.abs().mean(1)
+        attach_ndam(model, **entry)
+        model(images)
+        with_ndam = hook.map.abs().mean(1)
+    assert torch.allclose(analysed, with_ndam, atol=1e-5) and not torch.allclose(analysed, plain, atol=1e-3)
 
 
 def test_a_run_of_tools_train_is_read_by_both_tools(runs, viz, tmp_path, capsys):
-    """End to end: one KD epoch with tools/train.py; compare reads its folder, analyze its events,
-    and the EK that analyze computes is the one the trainer logged."""
+    """End to end: one KD epoch with tools/train.py; compare reads its folder and saved config,
+    analyze its events and checkpoint, and the EK that analyze computes is the one the trainer logged."""
     config = str(tmp_path / "kd.yaml")
     _write_config(config, "KD", runs["root"], runs["teacher"])
     prefix = str(tmp_path / "out")
@@ -287,14 +299,15 @@ def test_a_run_of_tools_train_is_read_by_both_tools(runs, viz, tmp_path, capsys)
     compare_main = runpy.run_path(os.path.join(REPO_ROOT, "tools", "compare.py"))["main"]
     assert compare_main([prefix]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if "| KD |" in line]
-    assert len(row) == 1 and "resnet8 → resnet8" in row[0] and row[0].endswith("| done |")
+    assert len(row) == 1 and "| cifar100 | resnet8 → resnet8 |" in row[0] and "config.yaml" in row[0]
+    assert row[0].endswith("| done |")
 
     out = str(tmp_path / "curves.png")
     assert analyze_main(["curves", run_dir, "--out", out]) == 0
     with open(str(tmp_path / "curves.json")) as f:
         assert sorted(json.load(f)["tags"]) == ["train_losses/loss_ce", "train_losses/loss_kd"]
 
-    assert analyze_main(["ek", run_dir, "--cfg", config, "--ckpt", "student_latest", "--out", str(tmp_path / "ek.png")]) == 0
+    assert analyze_main(["ek", run_dir, "--ckpt", "student_latest", "--out", str(tmp_path / "ek.png")]) == 0
     with open(str(tmp_path / "ek.json")) as f:
         ek = json.load(f)["runs"][0]["ek"]
     with open(os.path.join(run_dir, "worklog.txt")) as f:

@@ -25,12 +25,12 @@ import sys
 
 import torch
 
-from mdistiller_lakd.analysis.events import read_scalars
-from mdistiller_lakd.analysis.ek import agreement_stats
-from mdistiller_lakd.analysis.features import head_maps, stage_grams
 from mdistiller_lakd.analysis.cka import cka_matrix
+from mdistiller_lakd.analysis.ek import agreement_stats
+from mdistiller_lakd.analysis.events import read_scalars
+from mdistiller_lakd.analysis.features import head_maps, stage_grams
 from mdistiller_lakd.analysis.figures import plot_cka, plot_ek, plot_loss_curves, plot_maps
-from mdistiller_lakd.analysis.loading import evenly_spaced, load_runs, subset_loader
+from mdistiller_lakd.analysis.loading import LoadedRun, evenly_spaced, load_runs, subset_loader
 from mdistiller_lakd.analysis.plotting import MissingExtraError, pyplot, save_figure, save_json
 from mdistiller_lakd.analysis.runs import canonical_method
 from mdistiller_lakd.engine.cfg import ConfigError
@@ -38,6 +38,11 @@ from mdistiller_lakd.engine.checkpoint import CheckpointError
 from mdistiller_lakd.engine.utils import validate
 
 DEFAULT_CURVE_TAGS = r"^train_losses/"  # the trainer's per-epoch average of each loss term
+
+
+def teacher_label(runs: list[LoadedRun]) -> str:
+    teacher, checkpoint = runs[0].teacher_source
+    return f"{teacher} ({checkpoint or 'released checkpoint'})"
 
 
 def _cka(args, device: torch.device):
@@ -75,11 +80,6 @@ def _maps(args, device: torch.device):
     row_titles = [f"#{index} class {label}" for index, label in zip(indices, target.tolist())]
     data = {"image_indices": list(indices), "labels": target.tolist(), "models": entries}
     return data, plot_maps(image.cpu(), row_titles, columns)
-
-
-def teacher_label(runs) -> str:
-    teacher, checkpoint = runs[0].teacher_source
-    return f"{teacher} ({checkpoint or 'released checkpoint'})"
 
 
 def _curves(args, device: torch.device):

@@ -32,16 +32,17 @@ def _panel_grid(count: int, panel: tuple[float, float], columns: int = _MAX_COLU
 
 
 def plot_accuracy_curves(runs: Sequence[Run]):
-    """Test top-1 against epoch, one panel per dataset and teacher/student pair, one line per run."""
-    panels: dict[tuple, list[Run]] = {}
+    """Test top-1 against epoch, one panel per dataset and student (the from-scratch run beside the
+    distilled ones), one line per run."""
+    panels: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        panels.setdefault((run.dataset, run.teacher, run.student), []).append(run)
+        panels.setdefault((run.dataset, run.student), []).append(run)
     figure, axes = _panel_grid(len(panels), CURVE_PANEL)
-    for ax, ((dataset, teacher, student), members) in zip(axes, sorted(panels.items(), key=lambda p: str(p[0]))):
+    for ax, ((dataset, student), members) in zip(axes, sorted(panels.items())):
         for run in members:
             epochs, accuracies = zip(*run.accuracies)
             ax.plot(epochs, accuracies, label=f"{run.method} ({run.label})", linewidth=1)
-        ax.set_title(f"{dataset}: {teacher} → {student}" if teacher else f"{dataset}: {student}", fontsize=9)
+        ax.set_title(f"{dataset}: student {student}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)

@@ -176,7 +176,7 @@ def read_run(path: str) -> Run:
         raise RunError(f"{path}: {WORKLOG} holds no epoch with a test_acc line")
 
     tag, overrides = split_overrides(os.path.basename(os.path.normpath(path)))
-    kept_overrides = tuple(tag for tag in overrides if not tag.startswith(SEED_KEY + ":"))
+    kept_overrides = tuple(item for item in overrides if not item.startswith(SEED_KEY + ":"))
     run_warnings = []
     config_path = os.path.join(path, CONFIG_FILE)
     if os.path.isfile(config_path):
