@@ -37,7 +37,9 @@ class LAKD(Distiller):
         self.locations = check_locations(student_name, len(blocks), lakd.LOCATIONS, hint=hint)
         num_cuts = len(self.locations) - 1
         hooked = self.locations if loss.FINAL_FEAT_WEIGHT > 0 else self.locations[:-1]
-        stages = self._teacher_stages(lakd.TEACHER_STAGES, [block_shapes[l - 1] for l in hooked], teacher_shapes)
+        stages = self._teacher_stages(
+            lakd.TEACHER_STAGES, len(self.locations), [block_shapes[l - 1] for l in hooked], teacher_shapes
+        )
         self.teacher_stages = stages
         self.sdm = LocalModules(
             blocks=[blocks[l - 1] for l in hooked],
@@ -61,12 +63,12 @@ class LAKD(Distiller):
         self.student_head, self.teacher_head = HeadMapHook(student), HeadMapHook(teacher)
 
     @staticmethod
-    def _teacher_stages(stages, feature_shapes, teacher_shapes) -> list[int]:
-        """t_s(k) per hooked location: ``TEACHER_STAGES`` (one per location, or per cut), else the
-        deepest teacher stage of the same spatial size."""
+    def _teacher_stages(stages, num_locations: int, feature_shapes, teacher_shapes) -> list[int]:
+        """t_s(k) per hooked location: ``TEACHER_STAGES`` (one per location, or per cut k < K),
+        else the deepest teacher stage of the same spatial size."""
         num_stages, stages = len(teacher_shapes), list(stages)
         if stages:
-            if len(stages) not in (len(feature_shapes), len(feature_shapes) - 1) or not all(
+            if len(stages) not in (num_locations, num_locations - 1) or not all(
                 isinstance(s, int) and 0 <= s < num_stages for s in stages
             ):
                 raise ValueError(
