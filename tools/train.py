@@ -1,4 +1,8 @@
-"""Train a student: ``python tools/train.py --cfg configs/cifar100/lakd/res56_res20.yaml [--resume] [KEY VALUE ...]``."""
+"""Train a student: ``python tools/train.py --cfg configs/cifar100/lakd/res56_res20.yaml [--resume] [KEY VALUE ...]``.
+
+On several GPUs (or CPU processes): ``torchrun --nproc_per_node=N tools/train.py --cfg ...``, with
+SOLVER.BATCH_SIZE the global batch (see mdistiller_lakd/engine/distributed.py).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +11,7 @@ import sys
 import torch
 
 from mdistiller_lakd.dataset import get_dataset
+from mdistiller_lakd.engine import distributed
 from mdistiller_lakd.engine.build import build_distiller
 from mdistiller_lakd.engine.cfg import ConfigError, dump_cfg, load_cfg
 from mdistiller_lakd.engine.checkpoint import CheckpointError
@@ -24,14 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     try:
         cfg = load_cfg(args.cfg, args.opts)
-        seed_everything(cfg.EXPERIMENT.SEED)
-        print(log_msg("CONFIG:\n" + dump_cfg(cfg), "INFO"))
-        train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
+        device = distributed.init_distributed()
+        seed_everything(distributed.shared_seed(cfg.EXPERIMENT.SEED))
+        verbose = distributed.is_main_process()
+        if verbose:
+            print(log_msg("CONFIG:\n" + dump_cfg(cfg), "INFO"))
+        train_loader, val_loader, num_data, num_classes = get_dataset(cfg, device)
         distiller = build_distiller(cfg, num_classes, num_data)
-        if cfg.DISTILLER.TYPE != "NONE":
+        if verbose and cfg.DISTILLER.TYPE != "NONE":
             print(log_msg(f"Extra parameters of {cfg.DISTILLER.TYPE}: {distiller.get_extra_parameters()}", "INFO"))
-        trainer = Trainer(experiment_name(cfg, args.opts), distiller, train_loader, val_loader, cfg)
+        trainer = Trainer(experiment_name(cfg, args.opts), distiller, train_loader, val_loader, cfg, device)
         trainer.train(resume=args.resume)
+        distributed.shutdown()
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

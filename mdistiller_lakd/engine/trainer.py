@@ -6,6 +6,11 @@ run's full config), and checkpoints
 ``latest``, ``best``, ``epoch_N`` (whole distiller, optimizer, epoch, best accuracy, RNG states) and
 ``student_latest``, ``student_best``, ``student_N`` (the student's weights, architecture, dataset).
 ``latest`` is written last in an epoch: it is the point a killed run resumes from.
+
+Under torchrun (``distributed.py``) every rank trains on its share of each global batch and
+validates on the whole validation set; only the main rank writes logs, config and checkpoints.
+``SOLVER.AMP`` runs forward passes (training and validation) under ``torch.autocast``, with a
+``GradScaler`` for fp16; ``SOLVER.CHANNELS_LAST`` puts models and images in channels_last.
 """
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from .cfg import ConfigError
+from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .metrics import extracurricular_knowledge, top1_agreement
-from .utils import AverageMeter, accuracy, get_rng_state, learning_rate, log_msg, set_rng_state, validate
+from .utils import (
+    AverageMeter, accuracy, amp_dtype, get_rng_state, learning_rate, log_msg, set_rng_state, validate,
+)
 
 # Names of the items of a training batch, in loader order; CRD's loader adds the last one.
 BATCH_ITEMS = ("image", "target", "index", "contrastive_index")
@@ -40,20 +48,38 @@ class Trainer:
     """Trains ``distiller`` with SGD over its learnable parameters, validating after every epoch.
 
     ``train()`` runs the epochs; ``train_epoch`` is one epoch (training pass, validation, logs,
-    checkpoints); ``train_step`` is one optimisation step.
+    checkpoints); ``train_step`` is one optimisation step. ``device`` defaults to
+    ``distributed.training_device()``.
     """
 
-    def __init__(self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg: CfgNode):
+    def __init__(
+        self,
+        experiment_name: str,
+        distiller: nn.Module,
+        train_loader,
+        val_loader,
+        cfg: CfgNode,
+        device: torch.device | None = None,
+    ):
         if cfg.SOLVER.TYPE != "SGD":
             raise ConfigError(f"SOLVER.TYPE: only SGD is supported, got '{cfg.SOLVER.TYPE}'")
         if cfg.SOLVER.TRAINER not in SUPPORTED_TRAINERS:
             raise ConfigError(f"SOLVER.TRAINER: '{cfg.SOLVER.TRAINER}' is not supported ({', '.join(SUPPORTED_TRAINERS)})")
         learning_rate(cfg, 1)  # an unknown SOLVER.SCHEDULER fails here, before any training
         self.cfg = cfg
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.distiller = distiller.to(self.device)
-        self.train_loader = train_loader
+        self.device = device or distributed.training_device()
+        self.amp_dtype = amp_dtype(cfg.SOLVER.AMP, self.device)
+        self.memory_format = torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.preserve_format
+        self.distiller = distiller.to(self.device, memory_format=self.memory_format)
+        # `model` is what a training step calls (the distiller, or DDP around it); `after_backward`
+        # averages gradients across ranks where DDP cannot (distillers with a local backward).
+        self.model, self.after_backward = distributed.prepare_for_training(self.distiller, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if getattr(distiller, "local_backward", False):
+            distiller.grad_scaler = self.scaler  # its local losses must be scaled like the final one
+        self.train_loader = distributed.shard_train_loader(train_loader, cfg.EXPERIMENT.SEED)
         self.val_loader = val_loader
+        self.is_main = distributed.is_main_process()
         self.optimizer = torch.optim.SGD(
             distiller.get_learnable_parameters(),
             lr=cfg.SOLVER.LR,
@@ -66,13 +92,15 @@ class Trainer:
         self.clock = time.perf_counter  # what timings read; tests substitute a fake clock
 
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
-        os.makedirs(self.log_path, exist_ok=True)
-        remove_stale_temp_files(self.log_path)
         self.worklog_path = os.path.join(self.log_path, "worklog.txt")
-        # The full config the run trains with, for analysis tools (loads back with load_cfg).
-        atomic_write(os.path.join(self.log_path, "config.yaml"), lambda f: f.write(cfg.dump().encode()))
-        self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
-        self.wandb = self._init_wandb(experiment_name)
+        self.tf_writer, self.wandb = None, None
+        if self.is_main:
+            os.makedirs(self.log_path, exist_ok=True)
+            remove_stale_temp_files(self.log_path)
+            # The full config the run trains with, for analysis tools (loads back with load_cfg).
+            atomic_write(os.path.join(self.log_path, "config.yaml"), lambda f: f.write(cfg.dump().encode()))
+            self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
+            self.wandb = self._init_wandb(experiment_name)
 
     def _init_wandb(self, experiment_name: str):
         if not self.cfg.LOG.WANDB:
@@ -94,6 +122,8 @@ class Trainer:
         first_epoch = self._resume() + 1 if resume else self._start_fresh()
         for epoch in range(first_epoch, self.cfg.SOLVER.EPOCHS + 1):
             self.train_epoch(epoch)
+        if not self.is_main:
+            return
         print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
         with open(self.worklog_path, "a") as worklog:
             worklog.write(f"best_acc\t{self.best_acc:.2f}\n")
@@ -117,9 +147,12 @@ class Trainer:
         batches), ``train_time`` (steps), ``loss``, ``top1``, ``top5`` and ``train_losses/<key>`` for
         each term of the distiller's losses_dict."""
         meters = {name: AverageMeter() for name in ("data_time", "train_time", "loss", "top1", "top5")}
+        set_epoch = getattr(self.train_loader, "set_epoch", None)
+        if set_epoch is not None:  # the epoch's shuffle (tensor pipeline, DistributedSampler): resumes repeat it
+            set_epoch(epoch)
         num_iter = len(self.train_loader)
-        bar = tqdm(total=num_iter, leave=False)
-        self.distiller.train()
+        bar = tqdm(total=num_iter, leave=False, disable=not self.is_main)
+        self.model.train()
         step_end = self.clock()
         for iteration, batch in enumerate(self.train_loader):
             arrival = self.clock()
@@ -149,18 +182,32 @@ class Trainer:
         """One optimisation step on ``batch``; returns the logits (detached), the targets and the
         mean of each loss term as floats. Raises ``NonFiniteLossError`` before updating any weight."""
         inputs = {name: item.to(self.device, non_blocking=True) for name, item in zip(BATCH_ITEMS, batch)}
-        inputs["image"] = inputs["image"].float()
+        inputs["image"] = self._prepare_image(inputs["image"])
         # Zeroed before the forward pass: a distiller may back-propagate some terms inside it.
         self.optimizer.zero_grad(set_to_none=True)
-        logits, losses_dict = self.distiller(epoch=epoch, **inputs)
+        with self.autocast():
+            logits, losses_dict = self.model(epoch=epoch, **inputs)
         loss = sum(term.mean() for term in losses_dict.values())
-        # One device-to-host copy for every term's value.
-        term_values = torch.stack([term.detach().mean().float() for term in losses_dict.values()]).tolist()
-        loss_values = dict(zip(losses_dict, term_values))
+        loss_values = self._loss_values(losses_dict)
         self._check_finite(loss_values, epoch, iteration)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()  # scale: the identity unless fp16
+        self.after_backward()
+        self.scaler.step(self.optimizer)  # fp16: unscales, and skips the step on inf/NaN gradients
+        self.scaler.update()
         return logits.detach(), inputs["target"], loss_values
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision of SOLVER.AMP on the training device (disabled when it is empty)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _prepare_image(self, image: torch.Tensor) -> torch.Tensor:
+        return image.float().to(memory_format=self.memory_format)
+
+    def _loss_values(self, losses_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The mean of each term, averaged over the ranks (so that every rank sees a non-finite
+        loss at once), in one device-to-host copy."""
+        terms = torch.stack([term.detach().mean().float() for term in losses_dict.values()])
+        return dict(zip(losses_dict, distributed.mean_across_ranks(terms).tolist()))
 
     def _check_finite(self, loss_values: dict[str, float], epoch: int, iteration: int) -> None:
         bad = {key: value for key, value in loss_values.items() if not math.isfinite(value)}
@@ -177,7 +224,10 @@ class Trainer:
     def evaluate(self) -> OrderedDict:
         """Upstream's validation metrics and, for a distiller with a teacher, EK and agreement."""
         self.distiller.eval()
-        student = validate(self.val_loader, lambda image: self.distiller(image=image), self.device)
+        # DDP leaves each rank with the BatchNorm statistics of its own last batch.
+        distributed.broadcast_from_main(distributed.student_side_buffers(self.distiller))
+        student = validate(self.val_loader, self._logits_of(lambda image: self.distiller(image=image)), self.device,
+                           progress=self.is_main)
         metrics = OrderedDict(test_acc=student.top1, test_acc_top5=student.top5, test_loss=student.loss)
         teacher = getattr(self.distiller, "teacher", None)
         if teacher is not None:
@@ -191,21 +241,34 @@ class Trainer:
     def _teacher_predictions(self, teacher: nn.Module):
         if self.teacher_predictions is None:
             teacher.eval()
-            result = validate(self.val_loader, lambda image: teacher(image)[0], self.device, desc="teacher ")
-            print(log_msg(f"Teacher top-1 on the validation set: {result.top1:.2f}", "INFO"))
+            result = validate(self.val_loader, self._logits_of(lambda image: teacher(image)[0]), self.device,
+                              desc="teacher ", progress=self.is_main)
+            if self.is_main:
+                print(log_msg(f"Teacher top-1 on the validation set: {result.top1:.2f}", "INFO"))
             self.teacher_predictions = (result.predictions, result.targets)
         return self.teacher_predictions
+
+    def _logits_of(self, forward):
+        """``forward`` on validation images under the training's autocast and memory format;
+        float32 logits."""
+        def logits_of(image: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return forward(self._prepare_image(image)).float()
+
+        return logits_of
 
     # ----------------------------------------------------------------------------------------------
     # Logging
 
     def _log_iteration(self, step: int, values: dict[str, float]) -> None:
-        if step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
+        if self.is_main and step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
             lr = self.optimizer.param_groups[0]["lr"]
             for key, value in {"lr": lr, **values}.items():
                 self.tf_writer.add_scalar(f"iter/{key}", value, step)
 
     def _log_epoch(self, epoch: int, lr: float, log_dict: OrderedDict, meters: dict[str, AverageMeter]) -> None:
+        if not self.is_main:
+            return
         scalars = {**log_dict, "lr": lr}
         scalars.update({key: meter.avg for key, meter in meters.items() if key.startswith("train_losses/")})
         scalars.update({"time/data": meters["data_time"].avg, "time/train": meters["train_time"].avg})
@@ -237,10 +300,13 @@ class Trainer:
         return checkpoint
 
     def _save(self, epoch: int, improved: bool) -> None:
+        if not self.is_main:
+            return
         state = {
             "epoch": epoch,
             "model": self.distiller.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),  # fp16's loss scale; empty otherwise
             "best_acc": self.best_acc,
             "rng": get_rng_state(),
         }
@@ -256,7 +322,7 @@ class Trainer:
             save_checkpoint(obj, os.path.join(self.log_path, name))
 
     def _start_fresh(self) -> int:
-        if os.path.exists(os.path.join(self.log_path, "latest")):
+        if self.is_main and os.path.exists(os.path.join(self.log_path, "latest")):
             print(log_msg(f"Overwriting the run in {self.log_path} (pass --resume to continue it)", "INFO"))
         self._truncate_worklog(last_epoch=0)
         return 1
@@ -269,16 +335,19 @@ class Trainer:
         state = load_checkpoint(path)
         self.distiller.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.best_acc = state["best_acc"]
         set_rng_state(state["rng"])
         self._truncate_worklog(last_epoch=state["epoch"])
-        print(log_msg(f"Resuming {self.log_path} after epoch {state['epoch']}", "INFO"))
+        if self.is_main:
+            print(log_msg(f"Resuming {self.log_path} after epoch {state['epoch']}", "INFO"))
         return state["epoch"]
 
     def _truncate_worklog(self, last_epoch: int) -> None:
         """Drop the worklog blocks of epochs after ``last_epoch`` (logged by a run that was killed
         before it saved them) and the final best_acc line, so resuming never logs an epoch twice."""
-        if not os.path.exists(self.worklog_path):
+        if not self.is_main or not os.path.exists(self.worklog_path):
             return
         with open(self.worklog_path) as worklog:
             lines = worklog.read().splitlines(keepends=True)

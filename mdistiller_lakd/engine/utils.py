@@ -1,9 +1,11 @@
-"""Small helpers of the training engine: meters, accuracy, learning-rate schedules, seeding, RNG state."""
+"""Small helpers of the training engine: meters, accuracy, learning-rate schedules, seeding, RNG state,
+mixed precision."""
 from __future__ import annotations
 
 import math
 import os
 import random
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -17,6 +19,8 @@ from .cfg import ConfigError
 # Overrides that say where files live or how fast data loads; they do not change what a run
 # computes, so they stay out of the experiment name (a LOG.PREFIX path would nest folders).
 _NAME_NEUTRAL_KEYS = {"LOG.PREFIX", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD"}
+
+AMP_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # SOLVER.AMP -> autocast dtype
 
 
 class AverageMeter:
@@ -106,6 +110,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype SOLVER.AMP names (None: full precision); ``ConfigError`` for an unknown
+    mode or one that this device and torch build cannot run."""
+    if mode not in AMP_DTYPES:
+        raise ConfigError(f"SOLVER.AMP: unknown mode '{mode}'; use \"\" (off), \"bf16\" or \"fp16\"")
+    dtype = AMP_DTYPES[mode]
+    if dtype is None:
+        return None
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("SOLVER.AMP: this GPU does not support bfloat16; use \"fp16\"")
+    # torch.autocast warns and disables itself for a dtype the device does not support.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.autocast(device.type, dtype=dtype):
+            pass
+    if caught:
+        raise ConfigError(
+            f"SOLVER.AMP: \"{mode}\" is not supported on {device.type} by torch {torch.__version__} "
+            f"({caught[0].message}); use \"bf16\" or \"\""
+        )
+    return dtype
+
+
 class Evaluation(NamedTuple):
     top1: float
     top5: float
@@ -115,13 +142,18 @@ class Evaluation(NamedTuple):
 
 
 def validate(
-    val_loader, logits_of: Callable[[torch.Tensor], torch.Tensor], device: torch.device, desc: str = ""
+    val_loader,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    desc: str = "",
+    progress: bool = True,
 ) -> Evaluation:
     """Top-1, top-5 and cross-entropy of ``logits_of(image)`` over ``val_loader`` (the caller puts
-    the model in eval mode); also returns every prediction, in loader order."""
+    the model in eval mode); also returns every prediction, in loader order. ``progress`` shows a
+    progress bar."""
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
     predictions, targets = [], []
-    bar = tqdm(val_loader, total=len(val_loader), leave=False)
+    bar = tqdm(val_loader, total=len(val_loader), leave=False, disable=not progress)
     with torch.no_grad():
         for image, target in bar:
             image = image.float().to(device, non_blocking=True)
