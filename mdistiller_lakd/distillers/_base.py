@@ -13,7 +13,7 @@ class Distiller(nn.Module):
     the student's logits in eval mode; the trainer sums ``losses_dict`` and back-propagates it.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
         self.student = student
         self.teacher = teacher
@@ -23,7 +23,8 @@ class Distiller(nn.Module):
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def get_learnable_parameters(self) -> list[nn.Parameter]:
@@ -46,27 +47,12 @@ class Distiller(nn.Module):
         return self.forward_test(kwargs["image"])
 
 
-class Vanilla(nn.Module):
+class Vanilla(Distiller):
     """The student alone, trained with cross-entropy (``DISTILLER.TYPE: NONE``)."""
 
     def __init__(self, student: nn.Module):
-        super().__init__()
-        self.student = student
-
-    def get_learnable_parameters(self) -> list[nn.Parameter]:
-        return list(self.student.parameters())
-
-    def get_extra_parameters(self) -> int:
-        return 0
+        super().__init__(student, teacher=None)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
         logits_student, _ = self.student(image)
         return logits_student, {"ce": F.cross_entropy(logits_student, target)}
-
-    def forward_test(self, image: torch.Tensor) -> torch.Tensor:
-        return self.student(image)[0]
-
-    def forward(self, **kwargs):
-        if self.training:
-            return self.forward_train(**kwargs)
-        return self.forward_test(kwargs["image"])
