@@ -88,6 +88,20 @@ class LAKD(Distiller):
             stages.append(stage)
         return stages
 
+    @property
+    def local_backward(self) -> bool:
+        """True when the forward back-propagates the local losses itself (eager mode)."""
+        return self.sdm.eager
+
+    @property
+    def grad_scaler(self):
+        """The trainer's fp16 GradScaler, which the eager local losses must be scaled by too."""
+        return self.sdm.grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler) -> None:
+        self.sdm.grad_scaler = scaler
+
     def get_learnable_parameters(self) -> list[nn.Parameter]:
         return super().get_learnable_parameters() + list(self.sdm.parameters())
 
