@@ -100,17 +100,12 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def local_backward_missing() -> bool:
-    return getattr(build("lakd_eager", seed=0), "local_backward", None) is None
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     """Every scenario trained for STEPS steps by two gloo ranks: {name: [rank 0's, rank 1's]}."""
     out_dir = str(tmp_path_factory.mktemp("ranks"))
-    names = [name for name in SCENARIOS if not (name == "lakd_eager" and local_backward_missing())]
-    mp.spawn(_worker, args=(free_port(), out_dir, names), nprocs=RANKS, join=True)
-    return {name: [torch.load(os.path.join(out_dir, f"{name}_{r}.pt")) for r in range(RANKS)] for name in names}
+    mp.spawn(_worker, args=(free_port(), out_dir, list(SCENARIOS)), nprocs=RANKS, join=True)
+    return {name: [torch.load(os.path.join(out_dir, f"{name}_{r}.pt")) for r in range(RANKS)] for name in SCENARIOS}
 
 
 def single_process_grads(name: str, tmp_path, rank: int) -> list[torch.Tensor]:
@@ -122,8 +117,6 @@ def single_process_grads(name: str, tmp_path, rank: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_ranks_average_gradients_once_and_stay_identical(two_rank_results, name, tmp_path):
-    if name not in two_rank_results:
-        pytest.skip("LAKD does not expose `local_backward` yet: its eager mode cannot be synchronised")
     ranks = two_rank_results[name]
     # DDP wraps the distiller unless it back-propagates inside its forward.
     assert [r["wrapped_in_ddp"] for r in ranks] == [name != "lakd_eager"] * RANKS
