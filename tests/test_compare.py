@@ -112,7 +112,10 @@ def test_run_from_folder_name_or_config(results):
     assert upstream.finished and upstream.source == "folder name"
     seed = read_run(str(results / "ours" / "cifar100_lakd" / "lakd,res56,res20EXPERIMENT.SEED:1"))
     assert (seed.method, seed.teacher, seed.student, seed.total_epochs) == ("LAKD", "resnet56", "resnet20", 4)
-    assert seed.overrides == () and seed.source == "config.yaml"
+    assert seed.settings["SOLVER.LR"] == "0.05" and "EXPERIMENT.SEED" not in seed.settings
+    assert seed.source == "config.yaml"
+    tagged = read_run(write_run(results / "up" / "kd,res56,res20SOLVER.LR:0.1,EXPERIMENT.SEED:3", upstream_worklog([1.0])))
+    assert tagged.settings == {"SOLVER.LR": "0.1"}
     going = read_run(str(results / "ours" / "cifar100_lakd" / "lakd,res56,res20SOLVER.LR:0.1"))
     assert not going.finished and going.progress == "epoch 2/4"
 
@@ -124,7 +127,8 @@ def test_table_numbers(results, capsys):
 
     seeds_best = [max(accs) for accs in OURS_SEEDS]
     seeds_last = [accs[-1] for accs in OURS_SEEDS]
-    lakd = rows[("LAKD", "", "config.yaml")]
+    # Runs of one method and pair are told apart by the config keys in which they differ.
+    lakd = rows[("LAKD", "SOLVER.LR=0.05", "config.yaml")]
     assert lakd[1] == "resnet56 → resnet20" and lakd[5] == "2"
     assert lakd[6] == f"{statistics.fmean(seeds_best):.2f} ± {statistics.stdev(seeds_best):.2f}" == "71.75 ± 0.35"
     assert lakd[7] == f"{statistics.fmean(seeds_last):.2f} ± {statistics.stdev(seeds_last):.2f}"
@@ -136,7 +140,7 @@ def test_table_numbers(results, capsys):
     assert kd[6:10] == ["70.25", "70.00", f"{70.25 - 69.0:+.2f}", "done"]
     assert rows[("vanilla", "", "folder name")][8] == ""  # no delta for the reference itself
 
-    going = rows[("LAKD", "SOLVER.LR:0.1", "config.yaml")]
+    going = rows[("LAKD", "SOLVER.LR=0.1", "config.yaml")]
     assert going[6:8] == ["60.00", "60.00"] and going[9] == "in progress (epoch 2/4)"
 
     assert "empty: worklog.txt holds no epoch with a test_acc line" in err
@@ -147,8 +151,8 @@ def test_csv_has_the_table_numbers(results, tmp_path, capsys):
     table = tmp_path / "table.csv"
     assert compare_main([str(results / "ours" / "cifar100_lakd"), "--csv", str(table)]) == 0
     with open(table) as f:
-        records = {(r["method"], r["overrides"]): r for r in csv.DictReader(f)}
-    lakd = records[("LAKD", "")]
+        records = {(r["method"], r["variant"]): r for r in csv.DictReader(f)}
+    lakd = records[("LAKD", "SOLVER.LR=0.05")]
     seeds_best = [max(accs) for accs in OURS_SEEDS]
     assert float(lakd["best_mean"]) == pytest.approx(statistics.fmean(seeds_best))
     assert float(lakd["best_std"]) == pytest.approx(statistics.stdev(seeds_best))

@@ -11,16 +11,16 @@ from .events import Curve
 from .plotting import pyplot
 from .runs import Run
 
-CURVE_PANEL = (5.0, 3.5)  # one teacher/student pair, or one logged loss
+CURVE_PANEL = (4.0, 3.0)  # one student's accuracy curves, or one logged loss
 CKA_PANEL = (3.6, 3.2)  # one run's teacher x student CKA matrix
 MAP_CELL = 1.5  # one image or map of the maps grid
 EK_FIGURE = (7.0, 3.5)
-_MAX_COLUMNS = 3
+_MAX_COLUMNS = 4
 
 
-def _panel_grid(count: int, panel: tuple[float, float], columns: int = _MAX_COLUMNS):
-    """A figure of ``count`` panels in rows of at most ``columns``; returns it and the used axes."""
-    columns = min(columns, count)
+def _panel_grid(count: int, panel: tuple[float, float]):
+    """A figure of ``count`` panels in rows of at most ``_MAX_COLUMNS``; returns it and the used axes."""
+    columns = min(_MAX_COLUMNS, count)
     rows = -(-count // columns)
     figure, axes = pyplot().subplots(
         rows, columns, figsize=(panel[0] * columns, panel[1] * rows), squeeze=False, layout="constrained"
@@ -52,7 +52,7 @@ def plot_accuracy_curves(runs: Sequence[Run]):
 
 def plot_cka(panels: Sequence[Mapping]):
     """One heat map per run: ``matrix[i][j]`` = CKA of teacher stage i and student stage j."""
-    figure, axes = _panel_grid(len(panels), CKA_PANEL, columns=4)
+    figure, axes = _panel_grid(len(panels), CKA_PANEL)
     for ax, panel in zip(axes, panels):
         matrix = panel["cka"]
         image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
@@ -134,7 +134,7 @@ def plot_ek(labels: Sequence[str], stats: Sequence[Mapping]):
             bars = ax.bar([p + offset for p in positions], values, width, label=key)
             ax.bar_label(bars, fmt="%.1f", fontsize=6)
         ax.set_xticks(list(positions), labels, rotation=20, ha="right", fontsize=6)
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, 118)  # room for the legend above the bars
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper center", ncol=2)
     return figure

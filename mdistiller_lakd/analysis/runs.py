@@ -35,7 +35,7 @@ _IMAGENET_RESNET_DEPTHS = {"18", "34", "50", "101", "152"}
 _DATASETS = ("cifar100", "cifar10", "tiny_imagenet", "imagenet")  # longest match first
 # Config keys that do not change what a run computes: runs differing only there share a config.
 _NEUTRAL_SECTIONS = ("EXPERIMENT", "LOG")
-_NEUTRAL_DATASET_KEYS = ("ROOT", "NUM_WORKERS", "DOWNLOAD")
+_NEUTRAL_DATASET_KEYS = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD")
 
 
 class RunError(ValueError):
@@ -51,9 +51,10 @@ class Run:
     method: str
     teacher: str | None  # None for a student trained from scratch
     student: str
-    overrides: tuple[str, ...]  # the "KEY:value" tags of the folder name, seed excluded
+    # What the run was configured with, seed, names and paths aside: every key of its config, or,
+    # read from a folder name, the override tags ("SOLVER.LR": "0.1").
+    settings: dict[str, str]
     total_epochs: int | None  # SOLVER.EPOCHS when the config is known
-    config_key: str = ""  # equal for runs that share a config (seeds aside)
     source: str = "folder name"  # where method and pair were read: CONFIG_FILE or the folder name
     warnings: list[str] = field(default_factory=list)
 
@@ -88,6 +89,11 @@ class Run:
     @property
     def label(self) -> str:
         return os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def identity(self) -> tuple:
+        """What rows are named by: how the run was read, dataset, pair and method."""
+        return self.source, self.dataset, self.teacher or "", self.student, self.method
 
 
 def parse_worklog(text: str) -> tuple[dict[int, dict[str, float]], float | None]:
@@ -153,15 +159,19 @@ def _dataset_from_path(path: str) -> str:
     return next((name for name in _DATASETS if name in project), "?")
 
 
-def _config_key(cfg: CfgNode) -> str:
-    """The config's YAML without the keys that leave the computation unchanged (seed, names, logging)."""
-    shown = cfg.clone()
-    shown.defrost()
-    for section in _NEUTRAL_SECTIONS:
-        shown.pop(section, None)
-    for key in _NEUTRAL_DATASET_KEYS:
-        shown.DATASET.pop(key, None)
-    return shown.dump()
+def _settings(cfg: CfgNode, prefix: str = "") -> dict[str, str]:
+    """Every key of ``cfg`` as ``{"SOLVER.LR": "0.05", ...}``, without the keys that leave the
+    computation unchanged (seed, names, logging, data location)."""
+    settings = {}
+    for key, value in cfg.items():
+        name = prefix + key
+        if name in _NEUTRAL_SECTIONS or name in _NEUTRAL_DATASET_KEYS:
+            continue
+        if isinstance(value, CfgNode):
+            settings.update(_settings(value, name + "."))
+        else:
+            settings[name] = str(value)
+    return settings
 
 
 def read_run(path: str) -> Run:
@@ -176,7 +186,6 @@ def read_run(path: str) -> Run:
         raise RunError(f"{path}: {WORKLOG} holds no epoch with a test_acc line")
 
     tag, overrides = split_overrides(os.path.basename(os.path.normpath(path)))
-    kept_overrides = tuple(item for item in overrides if not item.startswith(SEED_KEY + ":"))
     run_warnings = []
     config_path = os.path.join(path, CONFIG_FILE)
     if os.path.isfile(config_path):
@@ -189,7 +198,7 @@ def read_run(path: str) -> Run:
             return Run(
                 path, epochs, final_best, cfg.DATASET.TYPE, method,
                 None if method == FROM_SCRATCH else cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT,
-                kept_overrides, cfg.SOLVER.EPOCHS, _config_key(cfg), CONFIG_FILE,
+                _settings(cfg), cfg.SOLVER.EPOCHS, CONFIG_FILE,
             )
     parts = [part for part in tag.split(",") if part]
     if len(parts) < 2:
@@ -199,11 +208,10 @@ def read_run(path: str) -> Run:
         )
     method = canonical_method(parts[0])
     teacher = None if method == FROM_SCRATCH or len(parts) < 3 else canonical_model(parts[1])
-    dataset = _dataset_from_path(path)
-    key = "|".join([dataset, method, str(teacher), canonical_model(parts[-1]), *kept_overrides])
+    settings = dict(item.split(":", 1) for item in overrides if not item.startswith(SEED_KEY + ":"))
     return Run(
-        path, epochs, final_best, dataset, method, teacher, canonical_model(parts[-1]),
-        kept_overrides, None, key, warnings=run_warnings,
+        path, epochs, final_best, _dataset_from_path(path), method, teacher, canonical_model(parts[-1]),
+        settings, None, warnings=run_warnings,
     )
 
 
@@ -268,22 +276,34 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Runs grouped by config and by finished / in progress, ordered by dataset, pair and method
-    (the from-scratch student first)."""
+    """Runs grouped by identity, settings and finished / in progress, ordered by dataset, student,
+    teacher and method (the from-scratch student first)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.config_key, run.finished), []).append(run)
+        groups.setdefault((run.identity, tuple(sorted(run.settings.items())), run.finished), []).append(run)
     ordered = [Group(members) for members in groups.values()]
     ordered.sort(key=lambda group: (
-        group.first.dataset, group.first.student, str(group.first.teacher or ""),
-        group.first.method != FROM_SCRATCH, group.first.method, group.first.overrides, not group.finished,
+        group.first.dataset, group.first.student, group.first.teacher or "", group.first.method != FROM_SCRATCH,
+        group.first.method, group.first.source, sorted(group.first.settings.items()), not group.finished,
     ))
     return ordered
 
 
+def _differences(a: dict[str, str], b: dict[str, str]) -> int:
+    return sum(a.get(key) != b.get(key) for key in a.keys() | b.keys())
+
+
+def variant(group: Group, groups: Sequence[Group]) -> str:
+    """The settings that tell ``group`` apart from the other groups of its identity ("SOLVER.LR=0.1")."""
+    siblings = [other.first.settings for other in groups if other.first.identity == group.first.identity]
+    keys = sorted({key for settings in siblings for key in settings})
+    differing = [key for key in keys if len({settings.get(key) for settings in siblings}) > 1]
+    return ", ".join(f"{key}={group.first.settings.get(key, 'default')}" for key in differing)
+
+
 def from_scratch_reference(group: Group, groups: Sequence[Group]) -> Group | None:
     """The from-scratch group of ``group``'s student and dataset, preferring a finished one, then one
-    read the same way (config or folder name), then the one with the fewest overrides."""
+    read the same way (config or folder name), then the one whose settings differ the least."""
     candidates = [
         other for other in groups
         if other.first.method == FROM_SCRATCH
@@ -292,7 +312,8 @@ def from_scratch_reference(group: Group, groups: Sequence[Group]) -> Group | Non
     if not candidates:
         return None
     return min(candidates, key=lambda other: (
-        not other.finished, other.first.source != group.first.source, len(other.first.overrides)
+        not other.finished, other.first.source != group.first.source,
+        _differences(other.first.settings, group.first.settings),
     ))
 
 
@@ -310,7 +331,7 @@ def summary_rows(groups: Sequence[Group]) -> list[dict]:
             "teacher": run.teacher or "",
             "student": run.student,
             "method": run.method,
-            "overrides": " ".join(run.overrides),
+            "variant": variant(group, groups),
             "source": run.source,
             "runs": len(group.runs),
             "best_mean": best_mean,
@@ -330,13 +351,13 @@ def _mean_pm_std(mean: float, std: float | None) -> str:
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """The rows as a Markdown table (accuracies in %, two decimals)."""
-    header = ["dataset", "teacher → student", "method", "overrides", "source", "runs", "best top-1",
+    header = ["dataset", "teacher → student", "method", "variant", "source", "runs", "best top-1",
               "last top-1", "Δ best vs student", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         pair = f"{row['teacher']} → {row['student']}" if row["teacher"] else row["student"]
         delta = "" if row["delta_best"] is None else f"{row['delta_best']:+.2f}"
-        cells = [row["dataset"], pair, row["method"], row["overrides"], row["source"], str(row["runs"]),
+        cells = [row["dataset"], pair, row["method"], row["variant"], row["source"], str(row["runs"]),
                  _mean_pm_std(row["best_mean"], row["best_std"]), _mean_pm_std(row["last_mean"], row["last_std"]),
                  delta, row["status"]]
         lines.append("| " + " | ".join(cells) + " |")
