@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mdistiller_lakd.distillers import LAKD
 from mdistiller_lakd.engine.cfg import load_cfg
-from mdistiller_lakd.lakd.blocks import find_blocks
+from mdistiller_lakd.lakd.blocks import find_blocks, relu_follows
 from mdistiller_lakd.lakd.ndam import attach_ndam, ndam
 from mdistiller_lakd.models import cifar_model_dict
 
@@ -108,6 +108,12 @@ def test_block_lists_follow_the_model_structure():
     assert [name for name, _ in find_blocks(model("vgg8"))] == [f"block{i}" for i in range(5)]
     assert [name for name, _ in find_blocks(model("MobileNetV2"))][:3] == ["blocks.0.0", "blocks.1.0", "blocks.1.1"]
     assert len(find_blocks(model("MobileNetV2"))) == 17
+
+
+def test_vgg_blocks_with_or_without_batchnorm_get_the_networks_relu():
+    conv = nn.Conv2d(3, 4, 3)
+    assert relu_follows(nn.Sequential(conv, nn.BatchNorm2d(4))) and relu_follows(nn.Sequential(conv))
+    assert not relu_follows(nn.Sequential(conv, nn.ReLU())) and not relu_follows(model("resnet8").layer1[0])
 
 
 def test_unknown_models_are_named_with_the_supported_families():

@@ -10,8 +10,9 @@ mdistiller's own model objects work too. Blocks in forward order, by family:
 - Wide ResNets (``wrn_16_2`` ...): the children of ``block1.layer .. block3.layer``
   (``block1.layer.0`` ...): wrn_16_2 has 6 blocks, wrn_40_1 18.
 - VGGs: ``block0 .. block4``, 5 blocks whatever the depth (vgg8 has one conv per block). A VGG
-  block ends at a BatchNorm and the network applies its ReLU functionally (``F.relu(blockK(x))``),
-  so the cut feature is ``relu(output)``: what the network passes on and what ``feats`` records.
+  block ends at its last BatchNorm (or conv, without BatchNorm) and the network applies the ReLU
+  functionally (``F.relu(blockK(x))``), so the cut feature is ``relu(output)``: what the network
+  passes on and what ``feats`` records.
 - MobileNetV2: the inverted residuals inside ``blocks`` (``blocks.0.0``, ``blocks.1.0`` ...), 17.
 
 A block that returns ``(out, preact)`` (the last block of a stage in ResNets and ShuffleNets) is
@@ -69,8 +70,11 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def relu_follows(block: nn.Module) -> bool:
-    """True for a block ending in a BatchNorm whose ReLU the network applies functionally (VGG)."""
-    return isinstance(block, nn.Sequential) and isinstance(block[-1], nn.modules.batchnorm._BatchNorm)
+    """True for a block that ends at a convolution or BatchNorm and whose ReLU the network applies
+    functionally: the ``nn.Sequential`` blocks of VGGs (with or without BatchNorm)."""
+    return isinstance(block, nn.Sequential) and isinstance(
+        block[-1], (nn.Conv2d, nn.modules.batchnorm._BatchNorm)
+    )
 
 
 def block_feature(block: nn.Module, output) -> torch.Tensor:
