@@ -124,7 +124,7 @@ def test_unknown_models_are_named_with_the_supported_families():
 @pytest.mark.parametrize("locations", ["[1, 4, 8]", "[4, 1, 9]", "[0, 4, 9]", "[1, 4, 4, 9]", "[1, 4, 10]"])
 def test_invalid_locations_fail_with_the_valid_range(locations):
     message = r"LOCATIONS .*resnet20 has 9 blocks; LOCATIONS must be strictly increasing in 1\.\.9 and end at 9"
-    with pytest.raises(ValueError, match=message + r".*rule gives \[1, 4, 9\]"):
+    with pytest.raises(ValueError, match=message + r"; LAKD's rule, .*, gives \[1, 4, 9\]"):
         build("LAKD.LOCATIONS", locations)
 
 

@@ -33,7 +33,8 @@ class LAKD(Distiller):
         blocks = [block for _, block in find_blocks(student)]
         input_size = 224 if cfg.DATASET.TYPE == "imagenet" else 32
         block_shapes, teacher_shapes = probe_shapes(student, blocks, teacher, input_size)
-        hint = f" (METHOD.md's rule gives {stage_start_locations([s[1:] for s in block_shapes])})"
+        rule = stage_start_locations([shape[1:] for shape in block_shapes])
+        hint = f"; LAKD's rule, the first block of each stage but the last, then the last block, gives {rule}"
         self.locations = check_locations(student_name, len(blocks), lakd.LOCATIONS, hint=hint)
         num_cuts = len(self.locations) - 1
         hooked = self.locations if loss.FINAL_FEAT_WEIGHT > 0 else self.locations[:-1]
