@@ -1,14 +1,21 @@
-"""Training-step cost of distillation methods side by side: median step time and peak memory, and
-both as ratios to training the student from scratch (the paper's Table 4 compares GPU memory).
+"""Training cost of distillation methods side by side, and the speed of the two CIFAR data pipelines.
 
-    python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--json]
+    python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--amp bf16] [--channels-last] [--json]
+    python tools/benchmark.py --data [--batch-size 64] [--data-root ./data] [--json]
 
-Each method runs in a fresh process on random data with randomly initialised models (cost does not
-depend on the weights): a trainer's step (zero_grad, forward, backward of the summed losses, SGD
-step) after warm-up steps. Peak memory is the peak above the memory in use just before the step:
-on CUDA the allocator's peak, on CPU the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs), with glibc told to hand freed memory back at once so that resident memory
-follows the tensors alive.
+Methods (the paper's Table 4 compares GPU memory): each runs in a fresh process, on random data with
+randomly initialised models (cost does not depend on the weights), through the trainer's own step
+(forward under SOLVER.AMP, backward, gradient scaling, SGD). Reported: the median time of the timed
+steps after the warm-up ones, images per second at that median, and the peak memory above what the
+process held before its first step (CUDA: the allocator's peak; CPU: the peak resident set, VmHWM
+reset through /proc/self/clear_refs, with glibc told to hand freed memory back at once so that
+resident memory follows the tensors alive); each also as a ratio to training the student from
+scratch.
+
+--data: images per second that DATASET.PIPELINE "torchvision" (DataLoader, per-image PIL,
+DATASET.NUM_WORKERS workers) and "tensor" (batched on the device) deliver onto the training device,
+the first batch (worker start-up) untimed; on CIFAR-100 under --data-root when it is there, else
+on random images written in the same file layout to a temporary folder.
 """
 from __future__ import annotations
 
@@ -18,23 +25,28 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
+from mdistiller_lakd.dataset import get_dataset
 from mdistiller_lakd.distillers import Vanilla, distiller_dict
 from mdistiller_lakd.engine.build import build_model
 from mdistiller_lakd.engine.cfg import load_cfg
+from mdistiller_lakd.engine.trainer import Trainer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (config folder under configs/cifar100, overrides); "scratch" is the student alone
 METHODS = {
     "scratch": ("lakd", ["DISTILLER.TYPE", "NONE"]),
-    "cat_kd": ("cat_kd", []),
+    "kd": ("kd", []),
     "fitnet": ("fitnet", []),
+    "cat_kd": ("cat_kd", []),
     "lakd_eager": ("lakd", ["LAKD.BACKWARD", "eager"]),
     "lakd_joint": ("lakd", ["LAKD.BACKWARD", "joint"]),
 }
+PIPELINES = ("torchvision", "tensor")
 # Freed memory goes back to the OS at once (no trimming threshold, no growing mmap threshold).
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -45,26 +57,31 @@ def _status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PeakMemory:
     """Bytes in use at the peak of a region, above those in use when it started."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device
 
     def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
         else:
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")  # resets the peak resident set (VmHWM) to the current one
             self.base = _status_kib("VmRSS") * 1024
 
     def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
         return _status_kib("VmHWM") * 1024 - self.base
 
 
@@ -78,78 +95,144 @@ def build(method: str, pair: str, num_classes: int = 100):
     return distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg)
 
 
-def measure(method: str, pair: str, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
-    """Median step time and peak memory of ``method`` in this process."""
+def measure(
+    method: str,
+    pair: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    amp: str = "",
+    channels_last: bool = False,
+) -> dict:
+    """Median step time, images per second and peak memory of ``method`` in this process."""
     torch.manual_seed(0)
-    distiller = build(method, pair).to(device).train()  # a distiller keeps its teacher in eval mode
-    optimizer = torch.optim.SGD(distiller.get_learnable_parameters(), lr=0.01, momentum=0.9)
-    image = torch.randn(batch_size, 3, 32, 32, device=device)
-    target = torch.randint(0, 100, (batch_size,), device=device)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        _, losses = distiller(image=image, target=target, epoch=1)
-        sum(loss.mean() for loss in losses.values()).backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    optimizer.zero_grad(set_to_none=True)
+    distiller = build(method, pair)
+    batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, 100, (batch_size,)), torch.arange(batch_size))
+    batch = tuple(item.to(device) for item in batch)
+    with tempfile.TemporaryDirectory() as log_prefix:  # the trainer's logs, unread
+        cfg = load_cfg(None, ["LOG.PREFIX", log_prefix, "SOLVER.AMP", amp, "SOLVER.CHANNELS_LAST", channels_last])
+        trainer = Trainer("benchmark", distiller, [batch], [batch[:2]], cfg, device)
+        trainer.tf_writer.close()
+    trainer.model.train()  # a distiller keeps its teacher in eval mode
     memory = PeakMemory(device)
     memory.start()
-    step()
-    peak = memory.peak()
     times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for iteration in range(warmup + steps):
+        synchronize(device)
         start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        trainer.train_step(batch, epoch=1, iteration=iteration)
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"method": method, "step_ms": 1000 * statistics.median(times), "peak_mib": peak / 2**20}
+    peak = memory.peak()
+    step = statistics.median(times[warmup:])
+    return {"method": method, "step_ms": 1000 * step, "images_per_s": batch_size / step, "peak_mib": peak / 2**20}
 
 
 def run_in_fresh_process(method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--pair", args.pair,
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device]
+               "--device", args.device, "--amp", args.amp] + (["--channels-last"] if args.channels_last else [])
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **GLIBC_ENV})
     if result.returncode != 0:
         raise RuntimeError(f"benchmark of {method} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("training-step time and peak memory of distillation methods")
-    parser.add_argument("--pair", default="res56_res20", help="a pair of configs/cifar100/<method>/")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        result = measure(args.worker, args.pair, args.batch_size, args.steps, args.warmup, torch.device(args.device))
-        print(json.dumps(result))
-        return 0
-
+def compare_methods(args: argparse.Namespace) -> dict:
     methods = ["scratch"] + [m for m in args.methods if m != "scratch"]
     results = [run_in_fresh_process(method, args) for method in methods]
     scratch = results[0]
     for result in results:
         result["time_vs_scratch"] = result["step_ms"] / scratch["step_ms"]
         result["memory_vs_scratch"] = result["peak_mib"] / scratch["peak_mib"]
-    if args.json:
-        print(json.dumps({"pair": args.pair, "batch_size": args.batch_size, "device": args.device, "results": results}, indent=2))
+    return {"pair": args.pair, "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
+            "channels_last": args.channels_last, "results": results}
+
+
+def print_methods(report: dict, steps: int) -> None:
+    amp = f", AMP {report['amp']}" if report["amp"] else ""
+    layout = ", channels_last" if report["channels_last"] else ""
+    print(f"{report['pair']}, batch {report['batch_size']}, {report['device']}{amp}{layout}: median of {steps} "
+          "steps, peak memory above the first step's start")
+    print(f"{'method':<12} {'step ms':>9} {'images/s':>9} {'peak MiB':>9} {'time/scratch':>13} {'memory/scratch':>15}")
+    for r in report["results"]:
+        print(f"{r['method']:<12} {r['step_ms']:9.1f} {r['images_per_s']:9.0f} {r['peak_mib']:9.1f} "
+              f"{r['time_vs_scratch']:13.2f} {r['memory_vs_scratch']:15.2f}")
+
+
+def pipeline_speed(pipeline: str, root: str, batch_size: int, num_workers: int, batches: int,
+                   device: torch.device) -> float:
+    """Images per second the training loader of ``pipeline`` delivers onto ``device``."""
+    cfg = load_cfg(None, ["DATASET.ROOT", root, "DATASET.DOWNLOAD", False, "DATASET.PIPELINE", pipeline,
+                          "SOLVER.BATCH_SIZE", batch_size, "DATASET.NUM_WORKERS", num_workers])
+    train_loader = get_dataset(cfg, device)[0]
+    getattr(train_loader, "set_epoch", lambda epoch: None)(1)
+    loaded = iter(train_loader)
+    next(loaded)  # starts the workers
+    synchronize(device)
+    start, images = time.perf_counter(), 0
+    for _, batch in zip(range(batches), loaded):
+        images += len(batch[0].to(device, non_blocking=True))
+    synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
+def compare_pipelines(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as temp:
+        root = args.data_root
+        if not os.path.isfile(os.path.join(root, "cifar-100-python", "train")):
+            sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+            from fake_cifar import write_cifar  # the tests' writer of CIFAR files
+
+            root = temp
+            write_cifar(root, "cifar100", num_train=args.batch_size * (args.data_batches + 1), num_test=1)
+        speeds = {pipeline: pipeline_speed(pipeline, root, args.batch_size, args.workers, args.data_batches, device)
+                  for pipeline in PIPELINES}
+    return {"batch_size": args.batch_size, "device": args.device, "num_workers": args.workers,
+            "data": args.data_root if root == args.data_root else "random images",
+            "images_per_s": speeds, "tensor_vs_torchvision": speeds["tensor"] / speeds["torchvision"]}
+
+
+def print_pipelines(report: dict) -> None:
+    print(f"CIFAR-100 training batches of {report['batch_size']} onto {report['device']} ({report['data']}; "
+          f"torchvision with {report['num_workers']} workers)")
+    for pipeline, speed in report["images_per_s"].items():
+        print(f"{pipeline:<12} {speed:10.0f} images/s")
+    print(f"tensor / torchvision: {report['tensor_vs_torchvision']:.1f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("training-step cost of distillation methods; data pipeline speed")
+    parser.add_argument("--pair", default="res56_res20", help="a pair of configs/cifar100/<method>/")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--batch-size", type=int, help="default: 128 for methods, 64 with --data")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="", choices=["", "bf16", "fp16"], help="SOLVER.AMP")
+    parser.add_argument("--channels-last", action="store_true", help="SOLVER.CHANNELS_LAST")
+    parser.add_argument("--data", action="store_true", help="compare the CIFAR data pipelines instead")
+    parser.add_argument("--data-root", default="./data", help="--data: DATASET.ROOT holding CIFAR-100")
+    parser.add_argument("--data-batches", type=int, default=150, help="--data: timed batches per pipeline")
+    parser.add_argument("--workers", type=int, default=2, help="--data: DATASET.NUM_WORKERS of torchvision")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (64 if args.data else 128)
+    if args.worker:
+        result = measure(args.worker, args.pair, args.batch_size, args.steps, args.warmup, torch.device(args.device),
+                         args.amp, args.channels_last)
+        print(json.dumps(result))
         return 0
-    print(f"{args.pair}, batch {args.batch_size}, {args.device}: median of {args.steps} steps, peak memory above the step's start")
-    print(f"{'method':<12} {'step ms':>9} {'peak MiB':>9} {'time/scratch':>13} {'memory/scratch':>15}")
-    for r in results:
-        print(f"{r['method']:<12} {r['step_ms']:9.1f} {r['peak_mib']:9.1f} {r['time_vs_scratch']:13.2f} {r['memory_vs_scratch']:15.2f}")
+    report = compare_pipelines(args) if args.data else compare_methods(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.data:
+        print_pipelines(report)
+    else:
+        print_methods(report, args.steps)
     return 0
 
 

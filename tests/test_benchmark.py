@@ -1,0 +1,64 @@
+"""tools/benchmark.py: the data-pipeline comparison, the trainer's step under AMP and channels_last,
+and the ratios to from-scratch training."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO_ROOT
+from fake_cifar import write_cifar
+
+
+@pytest.fixture
+def bench_tool():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO_ROOT, "tools", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_mode_times_both_pipelines_on_the_given_root(bench_tool, tmp_path, capsys):
+    write_cifar(str(tmp_path), "cifar100", num_train=48, num_test=8)
+    args = ["--data", "--data-root", str(tmp_path), "--batch-size", "16", "--data-batches", "2", "--workers", "0"]
+    assert bench_tool.main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"] == str(tmp_path) and report["batch_size"] == 16
+    speeds = report["images_per_s"]
+    assert set(speeds) == {"torchvision", "tensor"} and min(speeds.values()) > 0
+    assert report["tensor_vs_torchvision"] == pytest.approx(speeds["tensor"] / speeds["torchvision"])
+
+
+def test_a_method_is_timed_through_the_trainer_step_with_amp_and_channels_last(bench_tool):
+    seen = []
+
+    def record(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            seen.append((output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+
+    handle = nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = bench_tool.measure("scratch", "res56_res20", 2, 1, 0, torch.device("cpu"), "bf16", True)
+    finally:
+        handle.remove()
+    assert set(seen) == {(torch.bfloat16, True)}
+    assert result["images_per_s"] == pytest.approx(2 / (result["step_ms"] / 1000))
+    assert result["peak_mib"] >= 0
+
+
+def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypatch, capsys):
+    costs = {"scratch": (10.0, 100.0), "kd": (15.0, 120.0), "lakd_eager": (20.0, 80.0)}
+
+    def fake_run(method, args):
+        step_ms, peak_mib = costs[method]
+        return {"method": method, "step_ms": step_ms, "images_per_s": 1000 * args.batch_size / step_ms,
+                "peak_mib": peak_mib}
+
+    monkeypatch.setattr(bench_tool, "run_in_fresh_process", fake_run)
+    assert bench_tool.main(["--methods", "lakd_eager", "kd", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["method"] for r in results] == ["scratch", "lakd_eager", "kd"]
+    assert [(r["time_vs_scratch"], r["memory_vs_scratch"]) for r in results] == [(1.0, 1.0), (2.0, 0.8), (1.5, 1.2)]
+    assert list(bench_tool.METHODS) == ["scratch", "kd", "fitnet", "cat_kd", "lakd_eager", "lakd_joint"]
