@@ -15,7 +15,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],
         "viz": ["matplotlib"],
     },
 )

@@ -62,6 +62,8 @@ def test_run_logs_local_losses_and_ek(finished_run):
     with open(os.path.join(run_dir, "worklog.txt")) as f:
         epochs, best = parse_worklog(f.read())
     assert list(epochs) == [1, 2] and all("test_ek" in values for values in epochs.values())
+    # Each L_k, CE and CAT per epoch in the worklog too, not only in tensorboard.
+    assert all(f"train_{key}" in values for values in epochs.values() for key in LOSS_KEYS)
     scalars = read_scalars(os.path.join(run_dir, "train.events"))
     for key in LOSS_KEYS:
         assert len(scalars[f"train_losses/{key}"]) == 2 and f"iter/{key}" in scalars

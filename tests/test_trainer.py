@@ -123,7 +123,8 @@ def test_run_writes_upstream_layout(finished_run):
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
 
     blocks, last_line = worklog_blocks(run_dir)
-    assert [list(block) for block in blocks] == [WORKLOG_KEYS] * EPOCHS
+    # Upstream's keys in upstream's order, then the mean of each loss term (Vanilla's "ce").
+    assert [list(block) for block in blocks] == [WORKLOG_KEYS + ["train_ce"]] * EPOCHS
     assert [block["epoch"] for block in blocks] == ["1", "2"]
     assert blocks[0]["lr"] == "0.05"
     best = max(float(block["test_acc"]) for block in blocks)
@@ -301,7 +302,7 @@ def test_teacher_metrics_logged_with_predictions_computed_once(tmp_path):
     trainer.train()
     assert teacher.calls == 2  # two validation batches, in the first epoch only
     blocks, _ = worklog_blocks(os.path.join(str(tmp_path), "tiny"))
-    assert [list(block)[-2:] for block in blocks] == [["test_ek", "test_agreement"]] * 2
+    assert [list(block)[-3:] for block in blocks] == [["test_ek", "test_agreement", "train_loss_ce"]] * 2
 
 
 def test_extracurricular_knowledge_and_agreement():

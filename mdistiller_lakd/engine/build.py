@@ -80,6 +80,8 @@ def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
     if method == "NONE":
         return distiller_dict[method](student)
     teacher = load_teacher(cfg, num_classes)
-    if method == "CRD":
-        return distiller_dict[method](student, teacher, cfg, num_data=num_data)
-    return distiller_dict[method](student, teacher, cfg)
+    extra = {"num_data": num_data} if method == "CRD" else {}
+    try:
+        return distiller_dict[method](student, teacher, cfg, **extra)
+    except ValueError as error:  # distillers stay free of our config types, to go upstream as-is
+        raise ConfigError(f"{method}: {error}") from None

@@ -278,9 +278,14 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log({"current lr": lr, **scalars})
             self.wandb.run.summary["best_acc"] = self.best_acc
-        # Upstream's worklog.txt block, which its tools and ours parse.
+        # Upstream's worklog.txt block, which its tools and ours parse, then each loss term's epoch
+        # mean (LAKD's L_k, CE, CAT: the paper's Figure 5) as extra `train_<term>` lines.
         lines = [WORKLOG_RULE, f"epoch: {epoch}", f"lr: {lr:.2f}"]
         lines += [f"{key}: {value:.2f}" for key, value in log_dict.items()]
+        lines += [
+            f"train_{key[len('train_losses/'):]}: {meter.avg:.4f}"
+            for key, meter in meters.items() if key.startswith("train_losses/")
+        ]
         lines.append(WORKLOG_RULE)
         with open(self.worklog_path, "a") as worklog:
             worklog.write("\n".join(lines) + "\n")

@@ -16,9 +16,11 @@ from yacs.config import CfgNode
 
 from .cfg import ConfigError
 
-# Overrides that say where files live or how fast data loads; they do not change what a run
-# computes, so they stay out of the experiment name (a LOG.PREFIX path would nest folders).
-_NAME_NEUTRAL_KEYS = {"LOG.PREFIX", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD"}
+# Overrides that say where files live or how fast data loads stay out of the experiment name: a
+# path in it would nest folders (the teacher's architecture is in the name already).
+_NAME_NEUTRAL_KEYS = {
+    "LOG.PREFIX", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "DISTILLER.TEACHER_CKPT",
+}
 
 AMP_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # SOLVER.AMP -> autocast dtype
 
