@@ -12,9 +12,9 @@ import sys
 import torch
 
 from mdistiller_lakd.dataset import get_dataset
-from mdistiller_lakd.engine.build import build_model
+from mdistiller_lakd.engine.build import build_model, load_trained_model
 from mdistiller_lakd.engine.cfg import ConfigError, load_cfg
-from mdistiller_lakd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
+from mdistiller_lakd.engine.checkpoint import CheckpointError
 from mdistiller_lakd.engine.utils import log_msg, validate
 from mdistiller_lakd.models import cifar_model_dict
 
@@ -23,18 +23,10 @@ def load_model(name: str, ckpt: str, dataset: str, num_classes: int) -> torch.nn
     """Model ``name`` with the weights of ``ckpt``, LAKD's NDAM re-attached when the checkpoint has it."""
     if dataset == "imagenet" and ckpt == "pretrain":
         return build_model(name, dataset, num_classes, "--model", pretrained=True)
-    model = build_model(name, dataset, num_classes, "--model")
     path = cifar_model_dict[name][1] if ckpt == "pretrain" else ckpt
     if path is None:
         raise FileNotFoundError(f"--ckpt: upstream releases no checkpoint for '{name}'; give the file with -c")
-    checkpoint = load_checkpoint(path)
-    if "ndam" in checkpoint:
-        # NDAM reshapes the student's activations, so a student trained with it is evaluated with it.
-        from mdistiller_lakd.lakd.ndam import attach_ndam
-
-        attach_ndam(model, **checkpoint["ndam"])
-    load_weights(model, checkpoint, path, name)
-    return model
+    return load_trained_model(path, name, dataset, num_classes, "--model")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader, Subset
 from yacs.config import CfgNode
 
 from ..dataset import get_dataset
-from ..engine.build import build_model, load_teacher
+from ..engine.build import load_teacher, load_trained_model
 from ..engine.cfg import load_cfg
-from ..engine.checkpoint import load_checkpoint, load_weights
+from ..engine.checkpoint import load_checkpoint
 from .runs import CONFIG_FILE, canonical_method
 
 
@@ -53,16 +53,8 @@ def load_student(run_dir: str, cfg: CfgNode, checkpoint_name: str, num_classes: 
     path = os.path.join(run_dir, checkpoint_name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir}: no student checkpoint '{checkpoint_name}' (choose one with --ckpt)")
-    checkpoint = load_checkpoint(path)
-    arch = checkpoint.get("arch", cfg.DISTILLER.STUDENT)
-    student = build_model(arch, cfg.DATASET.TYPE, num_classes, f"{path}: arch")
-    load_weights(student, checkpoint, path, arch)
-    if "ndam" in checkpoint:
-        # NDAM is part of the trained student's forward: it is analysed as it was trained.
-        from ..lakd.ndam import attach_ndam
-
-        attach_ndam(student, **checkpoint["ndam"])
-    return student.eval()
+    arch = load_checkpoint(path).get("arch", cfg.DISTILLER.STUDENT)
+    return load_trained_model(path, arch, cfg.DATASET.TYPE, num_classes, f"{path}: arch").eval()
 
 
 def load_runs(

@@ -29,6 +29,20 @@ def build_model(name: str, dataset: str, num_classes: int, key: str, pretrained:
     return zoo[name][0](num_classes=num_classes)
 
 
+def load_trained_model(path: str, name: str, dataset: str, num_classes: int, key: str) -> nn.Module:
+    """Model ``name`` with the weights of the checkpoint at ``path`` (ours or upstream's), with
+    LAKD's NDAM re-attached when the checkpoint carries an ``"ndam"`` entry: NDAM is part of the
+    trained student's forward, so the student is evaluated and analysed as it was trained."""
+    model = build_model(name, dataset, num_classes, key)
+    checkpoint = load_checkpoint(path)
+    load_weights(model, checkpoint, path, name)
+    if "ndam" in checkpoint:
+        from ..lakd.ndam import attach_ndam
+
+        attach_ndam(model, **checkpoint["ndam"])
+    return model
+
+
 def _teacher_not_found(cfg: CfgNode, path: str | None) -> TeacherNotFoundError:
     name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
     own_run = os.path.join(cfg.LOG.PREFIX, f"{dataset}_baselines", f"vanilla,{name}", "student_best")
