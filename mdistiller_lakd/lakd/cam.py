@@ -45,7 +45,7 @@ class HeadMapHook:
         )
         if head == 0:
             raise ValueError(f"{type(model).__name__}: no feature module precedes the classifier")
-        self.source_name, source = children[head - 1]
+        _, source = children[head - 1]
         self.map: torch.Tensor | None = None
         if isinstance(source, nn.Sequential) and isinstance(source[-1], _AVERAGE_POOLS):
             source = source[-1]
