@@ -113,3 +113,18 @@ def test_train_fails_before_training_when_the_teacher_is_missing(tmp_path, cifar
     assert code == 2
     assert "teacher checkpoint not found" in err and "Traceback" not in err
     assert not os.path.exists(prefix)  # no run folder: nothing was trained
+
+
+def test_invalid_distiller_settings_become_config_errors_naming_the_method(tmp_path):
+    # LAKD raises plain ValueErrors (it stays free of our config types, to go upstream as-is);
+    # build_distiller turns them into ConfigErrors, which tools/train.py prints without a traceback.
+    from mdistiller_lakd.engine.build import build_distiller
+    from mdistiller_lakd.engine.cfg import ConfigError
+
+    path = str(tmp_path / "teacher.pth")
+    torch.save({"model": trained_resnet8()}, path)
+    cfg = teacher_cfg(
+        path, "resnet8", "DISTILLER.TYPE", "LAKD", "DISTILLER.STUDENT", "resnet8", "LAKD.LOCATIONS", "[2, 1, 3]"
+    )
+    with pytest.raises(ConfigError, match=r"^LAKD: .*LOCATIONS"):
+        build_distiller(cfg, num_classes=100, num_data=64)
