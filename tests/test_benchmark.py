@@ -62,3 +62,26 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
     assert [r["method"] for r in results] == ["scratch", "lakd_eager", "kd"]
     assert [(r["time_vs_scratch"], r["memory_vs_scratch"]) for r in results] == [(1.0, 1.0), (2.0, 0.8), (1.5, 1.2)]
     assert list(bench_tool.METHODS) == ["scratch", "kd", "fitnet", "cat_kd", "lakd_eager", "lakd_joint"]
+
+
+def test_saved_mode_counts_each_local_modules_saved_activations(bench_tool, capsys):
+    # resnet20 at [1, 4, 9]. Module 2 runs layer1.1, layer1.2 (stage 1: 16 x 32 x 32) and layer2.0
+    # (32 x 16 x 16). It saves its input, then per basic block conv1 out, relu out, conv2 out and
+    # the block's relu out; layer2.0 also its shortcut conv out. Each BatchNorm adds its batch
+    # mean and inverse std (2 x channels). Weights and running statistics are not counted.
+    batch = 2
+    stage1, stage2 = 16 * 32 * 32, 32 * 16 * 16
+    activations = batch * ((1 + 2 * 4) * stage1 + 5 * stage2)
+    norm_statistics = 2 * (4 * 16 + 3 * 32)
+    assert bench_tool.main(["--saved", "--batch-size", str(batch), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    modules = report["modules"]
+    assert [m["blocks"] for m in modules] == [[1, 1], [2, 4], [5, 9]]
+    assert modules[1]["saved_mib"] * 2**20 == 4 * (activations + norm_statistics)
+    shares = [m["saved_mib"] / report["whole_mib"] for m in modules]
+    assert [m["share"] for m in modules] == pytest.approx(shares)
+    assert report["floor"] == max(m["share"] for m in modules)
+    # the cut features are saved by both neighbours, so the modules together exceed the whole
+    assert sum(shares) > 1
+    assert bench_tool.main(["--saved", "--batch-size", str(batch)]) == 0
+    assert "floor of LAKD eager's peak memory / from-scratch: " in capsys.readouterr().out

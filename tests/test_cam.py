@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONTRACT_PATH
-from mdistiller_lakd.lakd.cam import HeadMapHook, cat_loss, class_activation_maps, classifier_of
+from mdistiller_lakd.lakd.cam import HeadMapHook, cat_loss, class_activation_maps, classifier_of, pooled_class_maps
 
 
 def cifar_model_names():
@@ -47,6 +47,21 @@ def test_class_maps_equal_a_bias_free_1x1_convolution():
     feature, weight = torch.randn(3, 8, 4, 4), torch.randn(5, 8)
     expected = F.conv2d(feature, weight[:, :, None, None])
     torch.testing.assert_close(class_activation_maps(feature, weight), expected)
+
+
+@pytest.mark.parametrize("resolution", [1, 2, 3])
+def test_pooled_class_maps_equal_the_full_maps_pooled(resolution):
+    # 3 on an 8x8 map: adaptive pooling with overlapping bins, still linear, so still equal.
+    torch.manual_seed(0)
+    feature, weight = torch.randn(3, 8, 8, 8), torch.randn(5, 8)
+    pooled = pooled_class_maps(feature, weight, resolution)
+    assert pooled.shape == (3, 5, resolution, resolution)
+    torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(class_activation_maps(feature, weight), resolution))
+    # cat_loss leaves maps that are already pooled as they are
+    other = torch.randn(3, 5, 8, 8)
+    torch.testing.assert_close(
+        cat_loss(pooled, F.adaptive_avg_pool2d(other, resolution), resolution), cat_loss(pooled, other, resolution)
+    )
 
 
 def test_cat_loss_is_pooled_mse():

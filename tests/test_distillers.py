@@ -367,12 +367,17 @@ def test_class_maps_are_the_1x1_convolution_of_the_pooled_map(name):
     image = batch()["image"]
     logits, _ = net(image)
     head_map = hook.map
-    cams = distiller.class_maps(net, hook)
+    cams = distiller.class_maps(net, hook, pooled=False)
     weight = classifier_weight(net)
     assert torch.allclose(cams, F.conv2d(head_map, weight[:, :, None, None]), atol=1e-5)
     # Averaging the maps gives the logits less the bias: the map is the one the classifier pools.
     assert torch.allclose(cams.mean(dim=(2, 3)), logits - classifier_of(net).bias, atol=1e-4)
     assert hook.map is None
+    # By default the maps come pooled to CAM_RESOLUTION (2), computed from the pooled map.
+    net(image)
+    pooled = distiller.class_maps(net, hook)
+    assert pooled.shape == (len(image), cams.shape[1], 2, 2)
+    assert torch.allclose(pooled, F.adaptive_avg_pool2d(cams, 2), atol=1e-5)
 
 
 def test_cat_kd_only_cat_drops_the_cross_entropy_and_gradients_reach_the_classifier():

@@ -2,6 +2,7 @@
 
     python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--amp bf16] [--channels-last] [--json]
     python tools/benchmark.py --data [--batch-size 64] [--data-root ./data] [--json]
+    python tools/benchmark.py --saved [--pair res56_res20] [--batch-size 128] [--json]
 
 Methods (the paper's Table 4 compares GPU memory): each runs in a fresh process, on random data with
 randomly initialised models (cost does not depend on the weights), through the trainer's own step
@@ -16,6 +17,12 @@ scratch.
 DATASET.NUM_WORKERS workers) and "tensor" (batched on the device) deliver onto the training device,
 the first batch (worker start-up) untimed; on CIFAR-100 under --data-root when it is there, else
 on random images written in the same file layout to a temporary folder.
+
+--saved: the bytes the student alone saves for backward in one training forward, split into LAKD's
+local modules at the pair's LAKD.LOCATIONS (stem with the first, head with the last) and for the
+whole network, counted with torch.autograd.graph.saved_tensors_hooks (each storage once per module;
+parameters and buffers left out). Eager LAKD holds one module's graph at a time, so the largest
+module's share is the floor of its peak memory relative to training from scratch.
 """
 from __future__ import annotations
 
@@ -29,12 +36,14 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 from mdistiller_lakd.dataset import get_dataset
 from mdistiller_lakd.distillers import Vanilla, distiller_dict
 from mdistiller_lakd.engine.build import build_model
 from mdistiller_lakd.engine.cfg import load_cfg
 from mdistiller_lakd.engine.trainer import Trainer
+from mdistiller_lakd.lakd.blocks import find_blocks
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (config folder under configs/cifar100, overrides); "scratch" is the student alone
@@ -203,6 +212,55 @@ def print_pipelines(report: dict) -> None:
     print(f"tensor / torchvision: {report['tensor_vs_torchvision']:.1f}x")
 
 
+def saved_per_module(pair: str, batch_size: int, device: torch.device) -> dict:
+    """Bytes saved for backward by each local module of the pair's LAKD config and by the whole student."""
+    cfg = load_cfg(os.path.join(REPO_ROOT, "configs", "cifar100", "lakd", f"{pair}.yaml"))
+    torch.manual_seed(0)
+    student = build_model(cfg.DISTILLER.STUDENT, "cifar100", 100, "DISTILLER.STUDENT").to(device).train()
+    blocks = [block for _, block in find_blocks(student)]
+    locations = list(cfg.LAKD.LOCATIONS)
+    # Module k (0-based) runs blocks locations[k-1]+1 .. locations[k] (1-based); blocks past the
+    # last location, and the head, belong to the last module.
+    module_of_block = [min(sum(block > location for location in locations), len(locations) - 1)
+                       for block in range(1, len(blocks) + 1)]
+    current = [0]
+    for block, module in zip(blocks, module_of_block):
+        block.register_forward_pre_hook(lambda *_, module=module: current.__setitem__(0, module))
+    persistent = {tensor.data_ptr() for tensor in [*student.parameters(), *student.buffers()]}
+    saved = [{} for _ in locations]  # per module: storage pointer -> bytes
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in persistent:
+            saved[current[0]][storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    image = torch.randn(batch_size, 3, 32, 32, device=device)
+    target = torch.randint(0, 100, (batch_size,), device=device)
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        loss = F.cross_entropy(student(image)[0], target)
+    whole = sum({pointer: size for module in saved for pointer, size in module.items()}.values())
+    first_blocks = [1] + [location + 1 for location in locations[:-1]]
+    last_blocks = locations[:-1] + [len(blocks)]
+    modules = [{"blocks": [first, last], "saved_mib": sum(sizes.values()) / 2**20,
+                "share": sum(sizes.values()) / whole}
+               for first, last, sizes in zip(first_blocks, last_blocks, saved)]
+    del loss
+    return {"pair": pair, "student": cfg.DISTILLER.STUDENT, "locations": locations, "batch_size": batch_size,
+            "modules": modules, "whole_mib": whole / 2**20, "floor": max(m["share"] for m in modules)}
+
+
+def print_saved(report: dict) -> None:
+    print(f"{report['student']} ({report['pair']}) at LAKD.LOCATIONS {report['locations']}, batch "
+          f"{report['batch_size']}: bytes saved for backward in one training forward")
+    print(f"{'module':<8} {'blocks':>8} {'saved MiB':>10} {'share':>6}")
+    for k, module in enumerate(report["modules"], start=1):
+        blocks = "{}-{}".format(*module["blocks"])
+        print(f"{k:<8} {blocks:>8} {module['saved_mib']:10.1f} {module['share']:6.2f}")
+    print(f"{'whole':<8} {'':>8} {report['whole_mib']:10.1f} {1:6.2f}")
+    print(f"floor of LAKD eager's peak memory / from-scratch: {report['floor']:.2f} (the largest module's share)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("training-step cost of distillation methods; data pipeline speed")
     parser.add_argument("--pair", default="res56_res20", help="a pair of configs/cifar100/<method>/")
@@ -214,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", default="", choices=["", "bf16", "fp16"], help="SOLVER.AMP")
     parser.add_argument("--channels-last", action="store_true", help="SOLVER.CHANNELS_LAST")
     parser.add_argument("--data", action="store_true", help="compare the CIFAR data pipelines instead")
+    parser.add_argument("--saved", action="store_true", help="bytes saved for backward per LAKD local module")
     parser.add_argument("--data-root", default="./data", help="--data: DATASET.ROOT holding CIFAR-100")
     parser.add_argument("--data-batches", type=int, default=150, help="--data: timed batches per pipeline")
     parser.add_argument("--workers", type=int, default=2, help="--data: DATASET.NUM_WORKERS of torchvision")
@@ -226,9 +285,14 @@ def main(argv: list[str] | None = None) -> int:
                          args.amp, args.channels_last)
         print(json.dumps(result))
         return 0
-    report = compare_pipelines(args) if args.data else compare_methods(args)
+    if args.saved:
+        report = saved_per_module(args.pair, args.batch_size, torch.device(args.device))
+    else:
+        report = compare_pipelines(args) if args.data else compare_methods(args)
     if args.json:
         print(json.dumps(report, indent=2))
+    elif args.saved:
+        print_saved(report)
     elif args.data:
         print_pipelines(report)
     else:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..lakd.cam import HeadMapHook, cat_loss, class_activation_maps, classifier_weight
+from ..lakd.cam import HeadMapHook, cat_loss, class_activation_maps, classifier_weight, pooled_class_maps
 from ._base import Distiller
 from ._common import student_and_teacher
 
@@ -39,17 +39,20 @@ class CAT_KD(Distiller):
         self.student_head = HeadMapHook(student)
         self.teacher_head = HeadMapHook(teacher)
 
-    def class_maps(self, model: nn.Module, head: HeadMapHook) -> torch.Tensor:
-        """The class maps of ``model``'s last forward; releases the recorded map."""
-        cams = class_activation_maps(head.map, classifier_weight(model))
-        head.map = None
-        return cams
+    def class_maps(self, model: nn.Module, head: HeadMapHook, pooled: bool = True) -> torch.Tensor:
+        """The class maps of ``model``'s last forward, pooled to CAM_RESOLUTION unless ``pooled`` is
+        False; releases the recorded map."""
+        feature, head.map = head.map, None
+        if pooled:
+            return pooled_class_maps(feature, classifier_weight(model), self.cam_resolution)
+        return class_activation_maps(feature, classifier_weight(model))
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
         logits_student, _, _, _ = student_and_teacher(self.student, self.teacher, image)
         cam_student = self.class_maps(self.student, self.student_head)
         with torch.no_grad():
-            cam_teacher = self.class_maps(self.teacher, self.teacher_head)
+            # IF_BINARIZE thresholds the teacher's full maps, so they are pooled after it.
+            cam_teacher = self.class_maps(self.teacher, self.teacher_head, pooled=not self.binarize)
         loss_cat = self.cat_loss_weight * cat_loss(
             cam_student, cam_teacher, self.cam_resolution, self.normalize, self.binarize
         )

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..lakd.blocks import check_locations, find_blocks, stage_start_locations
-from ..lakd.cam import HeadMapHook, cat_loss, class_activation_maps, classifier_weight
+from ..lakd.cam import HeadMapHook, cat_loss, classifier_weight, pooled_class_maps
 from ..lakd.ndam import attach_ndam
 from ..lakd.sdm import Connector, LocalModules, probe_shapes, resolution_matched
 from ._base import Distiller
@@ -114,13 +114,13 @@ class LAKD(Distiller):
         return {"ndam": dict(self.ndam)}
 
     def _class_maps(self, model: nn.Module, head: HeadMapHook) -> torch.Tensor:
-        cams = class_activation_maps(head.map, classifier_weight(model))
-        head.map = None
-        return cams
+        """The class maps of ``model``'s last forward pooled to CAM_RESOLUTION (all the loss uses)."""
+        feature, head.map = head.map, None
+        return pooled_class_maps(feature, classifier_weight(model), self.cam_resolution)
 
     @torch.no_grad()
     def _teacher_targets(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The teacher features of the hooked locations (the rest are freed) and its class maps."""
+        """The teacher features of the hooked locations (the rest are freed) and its pooled class maps."""
         feats = self.teacher(image)[1]["feats"]
         return [feats[s] for s in self.teacher_stages], self._class_maps(self.teacher, self.teacher_head)
 

@@ -72,6 +72,16 @@ def class_activation_maps(feature: torch.Tensor, classifier_weight: torch.Tensor
     return torch.einsum("nkhw,ck->nchw", feature, classifier_weight)
 
 
+def pooled_class_maps(
+    feature: torch.Tensor, classifier_weight: torch.Tensor, resolution: int
+) -> torch.Tensor:
+    """The class maps average-pooled to ``resolution`` x ``resolution``, without the full maps.
+
+    Average pooling and the bias-free 1x1 convolution are both linear and commute, so pooling the
+    feature first gives the pooled maps while never holding (N, classes, H, W)."""
+    return class_activation_maps(F.adaptive_avg_pool2d(feature, resolution), classifier_weight)
+
+
 def cat_loss(
     cam_student: torch.Tensor,
     cam_teacher: torch.Tensor,
@@ -79,7 +89,8 @@ def cat_loss(
     normalize: bool = False,
     binarize: bool = False,
 ) -> torch.Tensor:
-    """Mean squared error between class maps average-pooled to ``resolution`` x ``resolution``.
+    """Mean squared error between class maps average-pooled to ``resolution`` x ``resolution``
+    (maps already at that resolution, from ``pooled_class_maps``, pass through the pooling as they are).
 
     ``binarize`` (CAT-KD's IF_BINARIZE) first turns each teacher map into 1 where it exceeds the
     map's mean absolute value and 0 elsewhere; ``normalize`` (IF_NORMALIZE) L2-normalises each
