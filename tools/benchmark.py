@@ -219,13 +219,14 @@ def saved_per_module(pair: str, batch_size: int, device: torch.device) -> dict:
     student = build_model(cfg.DISTILLER.STUDENT, "cifar100", 100, "DISTILLER.STUDENT").to(device).train()
     blocks = [block for _, block in find_blocks(student)]
     locations = list(cfg.LAKD.LOCATIONS)
-    # Module k (0-based) runs blocks locations[k-1]+1 .. locations[k] (1-based); blocks past the
-    # last location, and the head, belong to the last module.
-    module_of_block = [min(sum(block > location for location in locations), len(locations) - 1)
-                       for block in range(1, len(blocks) + 1)]
+    # Module k runs blocks starts[k] .. ends[k] (1-based): up to each cut, then to the last block
+    # (with the head); the stem runs before block 1, in module 0.
+    ends = locations[:-1] + [len(blocks)]
+    starts = [1] + [end + 1 for end in ends[:-1]]
     current = [0]
-    for block, module in zip(blocks, module_of_block):
-        block.register_forward_pre_hook(lambda *_, module=module: current.__setitem__(0, module))
+    for module, (start, end) in enumerate(zip(starts, ends)):
+        for block in blocks[start - 1:end]:
+            block.register_forward_pre_hook(lambda *_, module=module: current.__setitem__(0, module))
     persistent = {tensor.data_ptr() for tensor in [*student.parameters(), *student.buffers()]}
     saved = [{} for _ in locations]  # per module: storage pointer -> bytes
 
@@ -238,14 +239,11 @@ def saved_per_module(pair: str, batch_size: int, device: torch.device) -> dict:
     image = torch.randn(batch_size, 3, 32, 32, device=device)
     target = torch.randint(0, 100, (batch_size,), device=device)
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        loss = F.cross_entropy(student(image)[0], target)
+        F.cross_entropy(student(image)[0], target)
     whole = sum({pointer: size for module in saved for pointer, size in module.items()}.values())
-    first_blocks = [1] + [location + 1 for location in locations[:-1]]
-    last_blocks = locations[:-1] + [len(blocks)]
-    modules = [{"blocks": [first, last], "saved_mib": sum(sizes.values()) / 2**20,
+    modules = [{"blocks": [start, end], "saved_mib": sum(sizes.values()) / 2**20,
                 "share": sum(sizes.values()) / whole}
-               for first, last, sizes in zip(first_blocks, last_blocks, saved)]
-    del loss
+               for start, end, sizes in zip(starts, ends, saved)]
     return {"pair": pair, "student": cfg.DISTILLER.STUDENT, "locations": locations, "batch_size": batch_size,
             "modules": modules, "whole_mib": whole / 2**20, "floor": max(m["share"] for m in modules)}
 

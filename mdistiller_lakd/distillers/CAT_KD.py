@@ -42,10 +42,9 @@ class CAT_KD(Distiller):
     def class_maps(self, model: nn.Module, head: HeadMapHook, pooled: bool = True) -> torch.Tensor:
         """The class maps of ``model``'s last forward, pooled to CAM_RESOLUTION unless ``pooled`` is
         False; releases the recorded map."""
-        feature, head.map = head.map, None
         if pooled:
-            return pooled_class_maps(feature, classifier_weight(model), self.cam_resolution)
-        return class_activation_maps(feature, classifier_weight(model))
+            return pooled_class_maps(head.take(), classifier_weight(model), self.cam_resolution)
+        return class_activation_maps(head.take(), classifier_weight(model))
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
         logits_student, _, _, _ = student_and_teacher(self.student, self.teacher, image)

@@ -115,8 +115,7 @@ class LAKD(Distiller):
 
     def _class_maps(self, model: nn.Module, head: HeadMapHook) -> torch.Tensor:
         """The class maps of ``model``'s last forward pooled to CAM_RESOLUTION (all the loss uses)."""
-        feature, head.map = head.map, None
-        return pooled_class_maps(feature, classifier_weight(model), self.cam_resolution)
+        return pooled_class_maps(head.take(), classifier_weight(model), self.cam_resolution)
 
     @torch.no_grad()
     def _teacher_targets(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

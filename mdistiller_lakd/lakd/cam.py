@@ -62,6 +62,11 @@ class HeadMapHook:
         output = output[0] if isinstance(output, tuple) else output
         self.map = F.relu(output) if self._activate else output
 
+    def take(self) -> torch.Tensor:
+        """The map of the model's last forward, released here so that it is not kept to the next."""
+        recorded, self.map = self.map, None
+        return recorded
+
     def remove(self) -> None:
         self._handle.remove()
         self.map = None
