@@ -55,13 +55,13 @@ def test_loads_every_checkpoint_format(tmp_path, fmt):
     assert all(torch.equal(loaded[key], state[key]) for key in state)
 
 
-def test_missing_released_teacher_gives_both_remedies(tmp_path, monkeypatch):
+def test_missing_released_teacher_gives_every_remedy(tmp_path, monkeypatch):
     missing = str(tmp_path / "cifar_teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth")
     monkeypatch.setitem(cifar_model_dict, "resnet56", (cifar_model_dict["resnet56"][0], missing))
-    with pytest.raises(TeacherNotFoundError) as info:
-        load_teacher(teacher_cfg("", "resnet56"), num_classes=100)
+    with pytest.raises(TeacherNotFoundError) as info:  # no URL: never reaches the network
+        load_teacher(teacher_cfg("", "resnet56", "DISTILLER.TEACHER_URL", ""), num_classes=100)
     message = str(info.value)
-    assert missing in message
+    assert missing in message and "set DISTILLER.TEACHER_URL to download" in message
     assert "cifar_teachers.tar" in message and "megvii-research/mdistiller/releases" in message
     assert "python tools/train.py --cfg configs/cifar100/vanilla/resnet56.yaml" in message
     assert "DISTILLER.TEACHER_CKPT" in message

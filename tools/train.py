@@ -13,7 +13,7 @@ import torch
 from mdistiller_lakd.dataset import get_dataset
 from mdistiller_lakd.engine import distributed
 from mdistiller_lakd.engine.build import build_distiller
-from mdistiller_lakd.engine.cfg import ConfigError, dump_cfg, load_cfg
+from mdistiller_lakd.engine.cfg import ConfigError, check_values, dump_cfg, load_cfg
 from mdistiller_lakd.engine.checkpoint import CheckpointError
 from mdistiller_lakd.engine.trainer import NonFiniteLossError, Trainer
 from mdistiller_lakd.engine.utils import experiment_name, log_msg, seed_everything
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     try:
         cfg = load_cfg(args.cfg, args.opts)
+        check_values(cfg)  # before any data is read or downloaded
         device = distributed.init_distributed()
         seed_everything(distributed.shared_seed(cfg.EXPERIMENT.SEED))
         verbose = distributed.is_main_process()
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         if verbose and cfg.DISTILLER.TYPE != "NONE":
             print(log_msg(f"Extra parameters of {cfg.DISTILLER.TYPE}: {distiller.get_extra_parameters()}", "INFO"))
         trainer = Trainer(experiment_name(cfg, args.opts), distiller, train_loader, val_loader, cfg, device)
+        if verbose:
+            print(log_msg(f"Run folder: {trainer.log_path}", "INFO"))
         trainer.train(resume=args.resume)
         distributed.shutdown()
     except (ConfigError, CheckpointError, FileNotFoundError) as error:

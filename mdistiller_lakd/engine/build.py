@@ -10,6 +10,7 @@ from ..distillers import distiller_dict
 from ..models import cifar_model_dict, imagenet_model_dict
 from .cfg import ConfigError
 from .checkpoint import load_checkpoint, load_weights
+from .download import TeacherDownloadError, archive_member, download_released_teachers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASED_TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/tag/v0.1"
@@ -43,7 +44,7 @@ def load_trained_model(path: str, name: str, dataset: str, num_classes: int, key
     return model
 
 
-def _teacher_not_found(cfg: CfgNode, path: str | None) -> TeacherNotFoundError:
+def _teacher_not_found(cfg: CfgNode, path: str | None, download_failure: str = "") -> TeacherNotFoundError:
     name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
     own_run = os.path.join(cfg.LOG.PREFIX, f"{dataset}_baselines", f"vanilla,{name}", "student_best")
     config = f"configs/{dataset}/vanilla/{name}.yaml"
@@ -59,18 +60,28 @@ def _teacher_not_found(cfg: CfgNode, path: str | None) -> TeacherNotFoundError:
             f"no released {dataset} teacher checkpoint for '{name}' (upstream mdistiller releases CIFAR-100 "
             f"teachers only, for its teacher models)\n  - {train_here}"
         )
+    by_hand = (
+        f"put upstream mdistiller's released teachers there: download cifar_teachers.tar from "
+        f"{RELEASED_TEACHERS_URL} and untar it into {archive_member(path)[0]} so that this file exists, or"
+    )
+    if download_failure:
+        return TeacherNotFoundError(
+            f"teacher checkpoint for '{name}' not found: {os.path.abspath(path)}, and {download_failure}; "
+            f"no teacher file was written\n  - run the command again (a network fault), or\n  - {by_hand}\n"
+            f"  - {train_here}"
+        )
     return TeacherNotFoundError(
         f"teacher checkpoint for '{name}' not found: {os.path.abspath(path)}\n"
-        f"  - put upstream mdistiller's released teachers there: download cifar_teachers.tar from "
-        f"{RELEASED_TEACHERS_URL} and untar it into download_ckpts/ so that this file exists, or\n"
-        f"  - {train_here}"
+        f"  - set DISTILLER.TEACHER_URL to download them (default: upstream's release), or\n"
+        f"  - {by_hand}\n  - {train_here}"
     )
 
 
 def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
     """The trained teacher ``DISTILLER.TEACHER`` in eval mode, read from ``DISTILLER.TEACHER_CKPT``
-    or, when that is empty, from upstream's released-teacher location (ImageNet: torchvision-style
-    pretrained weights). Fails with ``TeacherNotFoundError`` before any training when it is missing."""
+    or, when that is empty, from upstream's released-teacher location, downloaded from
+    ``DISTILLER.TEACHER_URL`` when missing there (ImageNet: torchvision-style pretrained weights).
+    Fails with ``TeacherNotFoundError`` before any training when it cannot be had."""
     name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
     if dataset == "imagenet" and not cfg.DISTILLER.TEACHER_CKPT:
         return build_model(name, dataset, num_classes, "DISTILLER.TEACHER", pretrained=True).eval()
@@ -78,6 +89,11 @@ def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
     path = cfg.DISTILLER.TEACHER_CKPT
     if not path and dataset == "cifar100":
         path = cifar_model_dict[name][1]
+        if path and not os.path.isfile(path) and cfg.DISTILLER.TEACHER_URL:
+            try:
+                download_released_teachers(cfg.DISTILLER.TEACHER_URL, path)
+            except TeacherDownloadError as error:
+                raise _teacher_not_found(cfg, path, download_failure=str(error)) from None
     if not path or not os.path.isfile(path):
         raise _teacher_not_found(cfg, path or None)
     load_weights(model, load_checkpoint(path), path, name)

@@ -8,8 +8,9 @@ that only steer CAT-KD's model surgery are read and ignored.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
+import yaml
 from yacs.config import CfgNode as CN
 
 
@@ -54,6 +55,8 @@ CFG.DISTILLER.TYPE = "NONE"  # Vanilla as default
 CFG.DISTILLER.TEACHER = "ResNet50"
 CFG.DISTILLER.STUDENT = "resnet32"
 CFG.DISTILLER.TEACHER_CKPT = ""  # ours: "" = upstream's download_ckpts/cifar_teachers/<name>_vanilla/
+# ours: where a missing CIFAR-100 teacher of upstream's release is downloaded from; "" = never
+CFG.DISTILLER.TEACHER_URL = "https://github.com/megvii-research/mdistiller/releases/download/v0.1/cifar_teachers.tar"
 
 # Solver
 CFG.SOLVER = CN()
@@ -198,7 +201,7 @@ CFG.CAT_KD.LOSS.CAM_RESOLUTION = 2
 CFG.CAT_KD.teacher_dir = None
 CFG.CAT_KD.student_dir = None
 
-# LAKD: local attention knowledge distillation (docs: ../shared/docs/METHOD.md, "Config node")
+# LAKD: local attention knowledge distillation (docs/METHOD.md, "Config keys")
 CFG.LAKD = CN()
 CFG.LAKD.LOCATIONS = [1, 4, 9]  # 1-based block indices; the last must be the student's last block
 CFG.LAKD.TEACHER_STAGES = []  # [] = resolution-matched; else indices into the teacher's feats list
@@ -224,6 +227,17 @@ def _key_of(error: Exception) -> str:
     return message.rsplit(":", 1)[-1].strip()
 
 
+def _yaml_error_message(path: str, error: yaml.YAMLError) -> str:
+    """``FILE, line N: not valid YAML: <what>``, with the line where the parser gave up."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}" if mark is not None else path
+    problem = getattr(error, "problem", None) or str(error)
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        context += f" that starts at line {context_mark.line + 1}"
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def load_cfg(path: str | None = None, opts: Sequence[str] = ()) -> CN:
     """A fresh copy of ``CFG`` merged with the YAML file at ``path`` and ``KEY VALUE`` overrides.
 
@@ -242,6 +256,10 @@ def load_cfg(path: str | None = None, opts: Sequence[str] = ()) -> CN:
             raise ConfigError(f"{path}: unknown config key '{_key_of(error)}'") from None
         except ValueError as error:
             raise ConfigError(f"{path}: {error}") from None
+        except (TypeError, AttributeError):  # yacs on a file that is YAML but not a mapping of keys
+            raise ConfigError(f"{path}: a config file is a mapping of KEY: value lines") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(_yaml_error_message(path, error)) from None
     if opts:
         if len(opts) % 2:
             raise ConfigError(f"overrides come as KEY VALUE pairs; got an odd list: {list(opts)}")
@@ -264,3 +282,98 @@ def dump_cfg(cfg: CN) -> str:
     if method in cfg:
         shown[method] = cfg[method]
     return shown.dump()
+
+
+def _at_least(low: float) -> tuple[str, Callable[[float], bool]]:
+    return f">= {low}", lambda value: value >= low
+
+
+def _above(low: float) -> tuple[str, Callable[[float], bool]]:
+    return f"> {low}", lambda value: value > low
+
+
+# Numeric keys with an obvious valid range; keys ending in WEIGHT (any node) are checked too.
+_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "SOLVER.EPOCHS": _at_least(1),
+    "SOLVER.BATCH_SIZE": _at_least(1),
+    "DATASET.TEST.BATCH_SIZE": _at_least(1),
+    "DATASET.NUM_WORKERS": _at_least(0),
+    "SOLVER.LR": _above(0),
+    "SOLVER.LR_DECAY_RATE": _above(0),
+    "SOLVER.WEIGHT_DECAY": _at_least(0),
+    "SOLVER.MOMENTUM": ("in [0, 1)", lambda value: 0 <= value < 1),
+    "LOG.SAVE_CHECKPOINT_FREQ": _at_least(1),
+    "KD.TEMPERATURE": _above(0),
+    "DKD.T": _above(0),
+    "LAKD.LOSS.CAM_RESOLUTION": _at_least(1),
+}
+_CHOICES = {
+    "SOLVER.SCHEDULER": ("step", "linear", "cosine"),
+    "LAKD.BACKWARD": ("eager", "joint"),
+}
+
+
+def _get(cfg: CN, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _weight_keys(node: CN, prefix: str = "") -> list[tuple[str, object]]:
+    """Every ``(full key, value)`` of the tree whose name ends in WEIGHT (``KD.LOSS.KD_WEIGHT``,
+    ``CAT_KD.LOSS.CAT_loss_weight``, ...): loss weights, which must not be negative."""
+    found = []
+    for name, value in node.items():
+        if isinstance(value, CN):
+            found += _weight_keys(value, f"{prefix}{name}.")
+        elif name.upper().endswith("WEIGHT"):
+            found.append((prefix + name, value))
+    return found
+
+
+def _integers_in(values, low: int, high: float = float("inf"), increasing: bool = True) -> bool:
+    """Whether ``values`` are integers in ``low..high`` (strictly increasing when ``increasing``)."""
+    values = list(values)
+    in_range = all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values)
+    return in_range and not (increasing and any(a >= b for a, b in zip(values, values[1:])))
+
+
+def check_values(cfg: CN) -> None:
+    """Raise ``ConfigError`` naming the full key of the first value outside its valid range.
+
+    Run before any data is read, so that a bad value stops the run at once rather than as a
+    DataLoader traceback or an empty "training"."""
+    for key, (rule, valid) in _RANGES.items():
+        value = _get(cfg, key)
+        if not _is_number(value) or not valid(value):
+            raise ConfigError(f"{key}: must be {rule}, got {value!r}")
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    for key, value in _weight_keys(cfg):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(_is_number(v) and v >= 0 for v in values):
+            raise ConfigError(f"{key}: a weight must be a number >= 0, got {value!r}")
+    solver = cfg.SOLVER
+    # A stage s lowers the LR from epoch s + 1 on: one at or past the last epoch never acts.
+    if solver.SCHEDULER == "step" and not _integers_in(solver.LR_DECAY_STAGES, 1, solver.EPOCHS - 1):
+        raise ConfigError(
+            f"SOLVER.LR_DECAY_STAGES: must be strictly increasing epochs in 1..{solver.EPOCHS - 1} "
+            f"(SOLVER.EPOCHS is {solver.EPOCHS}), got {list(solver.LR_DECAY_STAGES)}; "
+            "SOLVER.LR_DECAY_STAGES [] trains without decay"
+        )
+    lakd = cfg.LAKD
+    if not lakd.LOCATIONS or not _integers_in(lakd.LOCATIONS, 1):
+        raise ConfigError(
+            f"LAKD.LOCATIONS: must be strictly increasing block numbers >= 1 (1-based, the last one "
+            f"the student's last block), got {list(lakd.LOCATIONS)}"
+        )
+    if not _integers_in(lakd.TEACHER_STAGES, 0, increasing=False):
+        raise ConfigError(
+            f"LAKD.TEACHER_STAGES: must be indices >= 0 into the teacher's feats ([] = resolution-matched), "
+            f"got {list(lakd.TEACHER_STAGES)}"
+        )

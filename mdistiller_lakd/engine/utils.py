@@ -2,6 +2,7 @@
 mixed precision."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -20,7 +21,11 @@ from .cfg import ConfigError
 # path in it would nest folders (the teacher's architecture is in the name already).
 _NAME_NEUTRAL_KEYS = {
     "LOG.PREFIX", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "DISTILLER.TEACHER_CKPT",
+    "DISTILLER.TEACHER_URL",
 }
+# The longest file name ext4, XFS, btrfs, APFS and NTFS accept (bytes; 255 UTF-16 units on NTFS).
+MAX_NAME_BYTES = 255
+_HASH_CHARS = 12
 
 AMP_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # SOLVER.AMP -> autocast dtype
 
@@ -58,10 +63,24 @@ def log_msg(msg: str, mode: str = "INFO") -> str:
 
 def experiment_name(cfg: CfgNode, opts: Sequence[str] = ()) -> str:
     """``PROJECT/NAME`` (or ``PROJECT/TAG`` when NAME is empty) followed by ``KEY:VALUE`` of the
-    command-line overrides, joined by commas, as upstream's ``tools/train.py`` names its folders."""
+    command-line overrides, joined by commas, as upstream's ``tools/train.py`` names its folders;
+    shortened by ``fit_file_name`` when that passes the file system's limit (the run's
+    ``config.yaml`` keeps every override)."""
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     tags = [f"{key}:{value}" for key, value in zip(opts[::2], opts[1::2]) if key not in _NAME_NEUTRAL_KEYS]
-    return os.path.join(cfg.EXPERIMENT.PROJECT, name + ",".join(tags))
+    return os.path.join(cfg.EXPERIMENT.PROJECT, fit_file_name(name + ",".join(tags)))
+
+
+def fit_file_name(name: str) -> str:
+    """``name`` when it fits in ``MAX_NAME_BYTES``; else its start and a hash of all of it
+    (``<start>,<12 hex digits>``), so that names differing anywhere stay different folders."""
+    encoded = name.encode()
+    if len(encoded) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:_HASH_CHARS]
+    # errors="ignore" drops a multi-byte character the cut went through.
+    start = encoded[: MAX_NAME_BYTES - _HASH_CHARS - 1].decode(errors="ignore")
+    return f"{start},{digest}"
 
 
 def learning_rate(cfg: CfgNode, epoch: int) -> float:
