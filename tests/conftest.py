@@ -8,8 +8,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fake_cifar import write_cifar  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Upstream mdistiller's CIFAR zoo contract (state_dict keys/shapes, output shapes), a copy of the
-# project's shared/compat/mdistiller_cifar_models.json so the tests run from any clone.
+# Upstream mdistiller's CIFAR zoo contract (state_dict keys/shapes, output shapes), recorded from
+# upstream's models and kept with the tests so that they run from any clone.
 CONTRACT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mdistiller_cifar_models.json")
 
 # The CI machine has two cores; more threads only contend.

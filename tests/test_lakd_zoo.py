@@ -16,7 +16,7 @@ from mdistiller_lakd.lakd.sdm import probe_shapes
 from mdistiller_lakd.models import cifar_model_dict, imagenet_model_dict
 
 NUM_CLASSES = 10
-# student: (its locations by METHOD.md's (1, n+1, ..., last) rule, a resolution-matched teacher of
+# student: (its locations by docs/METHOD.md's (1, n+1, ..., last) rule, a resolution-matched teacher of
 # its upstream pair's family, one of another family whose widths differ). Small teachers keep the
 # test fast; the real pairs are built in the config test.
 CIFAR_STUDENTS = {

@@ -3,7 +3,7 @@
 The student is cut at ``LAKD.LOCATIONS`` into local modules (SDM): module k < K learns only from
 its feature loss against the teacher, module K from CAT-KD's cross-entropy + class attention
 transfer; NDAM re-weights the feature entering each next module, in training and at test time.
-Everything acts through forward hooks on the unmodified student (docs: METHOD.md).
+Everything acts through forward hooks on the unmodified student (docs/METHOD.md).
 """
 from __future__ import annotations
 

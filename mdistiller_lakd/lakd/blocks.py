@@ -93,7 +93,7 @@ def replace_feature(output, feature: torch.Tensor, detach_rest: bool = False):
 
 
 def stage_start_locations(block_sizes: list[Sequence[int]]) -> list[int]:
-    """METHOD.md's location rule (1, n+1, ..., last): the first block of every stage but the last,
+    """docs/METHOD.md's location rule (1, n+1, ..., last): the first block of every stage but the last,
     then the last block; a stage is a run of blocks with the same output (H, W)."""
     starts = [i + 1 for i, size in enumerate(block_sizes) if i == 0 or tuple(size) != tuple(block_sizes[i - 1])]
     return starts[:-1] + [len(block_sizes)]

@@ -1,5 +1,5 @@
 """Non-Directional Activation Mapping (NDAM): a parameter-free re-weighting of the feature that
-enters the next local module (docs: METHOD.md, "Non-Directional Activation Mapping").
+enters the next local module (docs/METHOD.md, "Non-Directional Activation Mapping").
 
     M_avg = mean_c |f|,  M_max = max_c |f|                       (per position)
     A     = avg_weight * M_avg / max_hw(M_avg) + max_weight * M_max / max_hw(M_max)

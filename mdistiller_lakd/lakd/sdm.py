@@ -1,5 +1,5 @@
 """The Separation-Decoupling Mechanism (SDM) on an unmodified student, with forward hooks
-(docs: METHOD.md, "Separation-Decoupling Mechanism").
+(docs/METHOD.md, "Separation-Decoupling Mechanism").
 
 The student is cut after the blocks at ``LOCATIONS`` into local modules. A forward hook on each
 cut block computes the local loss ``L_k = weight * mse(phi_k(f_k), t_s(k))`` against the teacher
