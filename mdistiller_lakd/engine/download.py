@@ -54,6 +54,8 @@ def _unpack(archive: str, member: str, into: str) -> list[str]:
                     shutil.copyfileobj(source, sink)  # tarfile raises ReadError on data cut short
     except (tarfile.TarError, EOFError) as error:
         raise TeacherDownloadError(f"the archive cannot be read ({error}): an interrupted or damaged download") from None
+    except OSError as error:  # e.g. a full disk
+        raise TeacherDownloadError(f"unpacking the archive failed: {error}") from None
     return names
 
 
