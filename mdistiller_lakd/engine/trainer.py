@@ -228,7 +228,8 @@ class Trainer:
         distributed.broadcast_from_main(distributed.student_side_buffers(self.distiller))
         student = validate(self.val_loader, self._logits_of(lambda image: self.distiller(image=image)), self.device,
                            progress=self.is_main)
-        metrics = OrderedDict(test_acc=student.top1, test_acc_top5=student.top5, test_loss=student.loss)
+        metrics = OrderedDict(test_acc=student.top1, test_acc_top5=student.top5, test_loss=student.loss,
+                              test_cmi=student.cmi)
         teacher = getattr(self.distiller, "teacher", None)
         if teacher is not None:
             teacher_pred, targets = self._teacher_predictions(teacher)
@@ -265,6 +266,17 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             for key, value in {"lr": lr, **values}.items():
                 self.tf_writer.add_scalar(f"iter/{key}", value, step)
+
+    def _log_start(self, metrics: dict[str, float]) -> None:
+        """What the distiller measured before training (``on_train_start``): console, tensorboard at
+        step 0, and ``key: value`` lines at the top of the worklog, outside the epoch blocks."""
+        if not self.is_main or not metrics:
+            return
+        for key, value in metrics.items():
+            print(log_msg(f"Before training: {key} {value:.4f}", "INFO"))
+            self.tf_writer.add_scalar(key, value, 0)
+        with open(self.worklog_path, "a") as worklog:
+            worklog.write("".join(f"{key}: {value:.4f}\n" for key, value in metrics.items()))
 
     def _log_epoch(self, epoch: int, lr: float, log_dict: OrderedDict, meters: dict[str, AverageMeter]) -> None:
         if not self.is_main:
@@ -329,7 +341,9 @@ class Trainer:
     def _start_fresh(self) -> int:
         if self.is_main and os.path.exists(os.path.join(self.log_path, "latest")):
             print(log_msg(f"Overwriting the run in {self.log_path} (pass --resume to continue it)", "INFO"))
-        self._truncate_worklog(last_epoch=0)
+        if self.is_main and os.path.exists(self.worklog_path):
+            os.remove(self.worklog_path)  # the overwritten run's lines, those before its epochs too
+        self._log_start(self.distiller.on_train_start(self.train_loader))
         return 1
 
     def _resume(self) -> int:
