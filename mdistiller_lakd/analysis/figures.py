@@ -145,6 +145,7 @@ def plot_cmi(labels: Sequence[str], stats: Sequence[Mapping]):
     """Bars per model: CMI (left) and top-1 (right) on the measured images."""
     figure, axes = pyplot().subplots(1, 2, figsize=CMI_FIGURE, layout="constrained")
     positions = list(range(len(labels)))
+    labels = [label if len(label) <= 32 else label[:31] + "…" for label in labels]  # folder names can be long
     for ax, key, title, fmt in ((axes[0], "cmi", "CMI (nats)", "%.4f"), (axes[1], "top1", "top-1 (%)", "%.1f")):
         bars = ax.bar(positions, [entry[key] for entry in stats], 0.6)
         ax.bar_label(bars, fmt=fmt, fontsize=6)

@@ -37,6 +37,7 @@ from .utils import (
 # Names of the items of a training batch, in loader order; CRD's loader adds the last one.
 BATCH_ITEMS = ("image", "target", "index", "contrastive_index")
 WORKLOG_RULE = "-" * 25  # separates the worklog's per-epoch blocks, as upstream
+WORKLOG_DIGITS = {"test_cmi": 4}  # decimals of a worklog value; upstream's 2 for the others
 SUPPORTED_TRAINERS = ("base", "crd")  # upstream's SOLVER.TRAINER values this loop covers
 
 
@@ -293,7 +294,7 @@ class Trainer:
         # Upstream's worklog.txt block, which its tools and ours parse, then each loss term's epoch
         # mean (LAKD's L_k, CE, CAT: the paper's Figure 5) as extra `train_<term>` lines.
         lines = [WORKLOG_RULE, f"epoch: {epoch}", f"lr: {lr:.2f}"]
-        lines += [f"{key}: {value:.2f}" for key, value in log_dict.items()]
+        lines += [f"{key}: {value:.{WORKLOG_DIGITS.get(key, 2)}f}" for key, value in log_dict.items()]
         lines += [
             f"train_{key[len('train_losses/'):]}: {meter.avg:.4f}"
             for key, meter in meters.items() if key.startswith("train_losses/")
