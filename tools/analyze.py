@@ -28,6 +28,7 @@ import re
 import sys
 
 import torch
+from yacs.config import CfgNode
 
 from mdistiller_lakd.analysis.cka import cka_matrix
 from mdistiller_lakd.analysis.ek import agreement_stats
@@ -39,9 +40,8 @@ from mdistiller_lakd.analysis.loading import (
 )
 from mdistiller_lakd.analysis.plotting import MissingExtraError, pyplot, save_figure, save_json
 from mdistiller_lakd.analysis.runs import canonical_method
-from mdistiller_lakd.engine.cfg import ConfigError
 from mdistiller_lakd.dataset import get_dataset
-from mdistiller_lakd.engine.cfg import load_cfg
+from mdistiller_lakd.engine.cfg import ConfigError, load_cfg
 from mdistiller_lakd.engine.checkpoint import CheckpointError
 from mdistiller_lakd.engine.utils import validate
 
@@ -132,7 +132,7 @@ class ImagesAndTargets:
         return (batch[:2] for batch in self.loader)
 
 
-def _cmi_models(args) -> list[tuple[str, object, str]]:
+def _cmi_models(args) -> list[tuple[str, CfgNode, str]]:
     """(label, config, checkpoint path) of each model to measure."""
     if args.run_dirs:
         return [(run_dir, run_config(run_dir, args.cfg, args.opts), os.path.join(run_dir, args.ckpt))

@@ -6,6 +6,9 @@ run's full config), and checkpoints
 ``latest``, ``best``, ``epoch_N`` (whole distiller, optimizer, epoch, best accuracy, RNG states) and
 ``student_latest``, ``student_best``, ``student_N`` (the student's weights, architecture, dataset).
 ``latest`` is written last in an epoch: it is the point a killed run resumes from.
+A fresh run (not a resumed one) first calls the distiller's ``on_train_start(train_loader)`` and
+logs what it returns (MCMI: its initial centroids and CMI); every epoch logs ``test_cmi``, the
+conditional mutual information of the validation outputs.
 
 Under torchrun (``distributed.py``) every rank trains on its share of each global batch and
 validates on the whole validation set; only the main rank writes logs, config and checkpoints.
