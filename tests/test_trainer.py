@@ -123,8 +123,10 @@ def test_run_writes_upstream_layout(finished_run):
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
 
     blocks, last_line = worklog_blocks(run_dir)
-    # Upstream's keys in upstream's order, then the mean of each loss term (Vanilla's "ce").
-    assert [list(block) for block in blocks] == [WORKLOG_KEYS + ["train_ce"]] * EPOCHS
+    # Upstream's keys in upstream's order, the CMI of the validation outputs, then the mean of each
+    # loss term (Vanilla's "ce").
+    assert [list(block) for block in blocks] == [WORKLOG_KEYS + ["test_cmi", "train_ce"]] * EPOCHS
+    assert all(re.fullmatch(r"\d+\.\d{4}", block["test_cmi"]) for block in blocks)
     assert [block["epoch"] for block in blocks] == ["1", "2"]
     assert blocks[0]["lr"] == "0.05"
     best = max(float(block["test_acc"]) for block in blocks)

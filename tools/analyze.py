@@ -1,4 +1,4 @@
-"""Look inside trained runs: ``python tools/analyze.py {cka,maps,curves,ek} RUN_DIR... [options]``.
+"""Look inside trained runs: ``python tools/analyze.py {cka,maps,curves,ek,cmi} RUN_DIR... [options]``.
 
 Each sub-command writes a PNG (``--out``, default ``analysis/<command>.png``) and its numbers as JSON
 beside it (same name, ``.json``). Needs matplotlib: ``pip install -e ".[viz]"``.
@@ -11,6 +11,10 @@ beside it (same name, ``.json``). Needs matplotlib: ``pip install -e ".[viz]"``.
           per-location losses L_k, CE and CAT) from the runs' tensorboard events
   ek      Extracurricular Knowledge and agreement of each run's student with its teacher on the
           validation set
+  cmi     conditional mutual information I(X; Y_hat | Y) and top-1 of each run's student (or of the
+          checkpoint file ``--ckpt FILE --cfg CFG``, e.g. a teacher before MCMI fine-tuning), by
+          default on the training set with its augmentation, in eval mode (as MCMI's authors
+          measure it); ``--split test`` for the validation set
 
 Runs are read with their saved config (``config.yaml`` in the run folder, else ``--cfg``); the
 runs of one call must share teacher and dataset. ``--opts KEY VALUE ...`` overrides config keys
@@ -24,16 +28,20 @@ import re
 import sys
 
 import torch
+from yacs.config import CfgNode
 
 from mdistiller_lakd.analysis.cka import cka_matrix
 from mdistiller_lakd.analysis.ek import agreement_stats
 from mdistiller_lakd.analysis.events import read_scalars
 from mdistiller_lakd.analysis.features import head_maps, stage_grams
-from mdistiller_lakd.analysis.figures import plot_cka, plot_ek, plot_loss_curves, plot_maps
-from mdistiller_lakd.analysis.loading import LoadedRun, evenly_spaced, load_runs, subset_loader
+from mdistiller_lakd.analysis.figures import plot_cka, plot_cmi, plot_ek, plot_loss_curves, plot_maps
+from mdistiller_lakd.analysis.loading import (
+    LoadedRun, evenly_spaced, load_runs, load_student, run_config, subset_loader,
+)
 from mdistiller_lakd.analysis.plotting import MissingExtraError, pyplot, save_figure, save_json
 from mdistiller_lakd.analysis.runs import canonical_method
-from mdistiller_lakd.engine.cfg import ConfigError
+from mdistiller_lakd.dataset import get_dataset
+from mdistiller_lakd.engine.cfg import ConfigError, load_cfg
 from mdistiller_lakd.engine.checkpoint import CheckpointError
 from mdistiller_lakd.engine.utils import validate
 
@@ -111,7 +119,49 @@ def _ek(args, device: torch.device):
     return data, plot_ek([entry["label"] for entry in entries], entries)
 
 
-COMMANDS = {"cka": _cka, "maps": _maps, "curves": _curves, "ek": _ek}
+class ImagesAndTargets:
+    """A loader's batches cut to (image, target): training batches carry indices too."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return (batch[:2] for batch in self.loader)
+
+
+def _cmi_models(args) -> list[tuple[str, CfgNode, str]]:
+    """(label, config, checkpoint path) of each model to measure."""
+    if args.run_dirs:
+        return [(run_dir, run_config(run_dir, args.cfg, args.opts), os.path.join(run_dir, args.ckpt))
+                for run_dir in args.run_dirs]
+    if args.cfg is None or not os.path.isfile(args.ckpt):
+        raise FileNotFoundError(
+            f"cmi: give RUN_DIRs, or a checkpoint file and the config of its dataset and architecture "
+            f"(DISTILLER.STUDENT): --ckpt FILE --cfg CFG (--ckpt is {args.ckpt!r})"
+        )
+    return [(args.ckpt, load_cfg(args.cfg, [*args.opts, "DATASET.PIPELINE", "torchvision"]), args.ckpt)]
+
+
+def _cmi(args, device: torch.device):
+    entries = []
+    for label, cfg, path in _cmi_models(args):
+        train_loader, val_loader, _, num_classes = get_dataset(cfg)
+        loader = train_loader if args.split == "train" else val_loader
+        if args.num_images:
+            loader = subset_loader(loader, evenly_spaced(len(loader.dataset), args.num_images))
+        student = load_student(os.path.dirname(path), cfg, os.path.basename(path), num_classes).to(device)
+        torch.manual_seed(0)  # the same crops, flips and order for every model: comparable numbers
+        result = validate(ImagesAndTargets(loader), lambda image: student(image)[0], device, desc="cmi ")
+        entries.append({"model": label, "checkpoint": path, "split": args.split, "images": len(result.targets),
+                        "cmi": result.cmi, "top1": result.top1})
+        print(f"{label}: CMI {result.cmi:.4f}, top-1 {result.top1:.2f}% on {len(result.targets)} {args.split} images")
+    return {"models": entries}, plot_cmi([os.path.basename(os.path.normpath(e["model"])) for e in entries], entries)
+
+
+COMMANDS = {"cka": _cka, "maps": _maps, "curves": _curves, "ek": _ek, "cmi": _cmi}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,9 +173,10 @@ def _parser() -> argparse.ArgumentParser:
         ("maps", "spatial and class activation maps of a few validation images"),
         ("curves", "training curves from the tensorboard events"),
         ("ek", "Extracurricular Knowledge and agreement with the teacher"),
+        ("cmi", "conditional mutual information and top-1 of each student, or of --ckpt FILE --cfg CFG"),
     ):
         sub = commands.add_parser(name, help=description, description=description)
-        sub.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+        sub.add_argument("run_dirs", nargs="*" if name == "cmi" else "+", metavar="RUN_DIR")
         sub.add_argument("--out", default=os.path.join("analysis", f"{name}.png"),
                          help="the PNG to write; the JSON goes beside it (default: %(default)s)")
         if name == "curves":
@@ -133,12 +184,16 @@ def _parser() -> argparse.ArgumentParser:
                              help="regular expression selecting the scalars to draw (default: %(default)s)")
             continue
         sub.add_argument("--cfg", help="config of runs whose folder holds no config.yaml")
-        sub.add_argument("--ckpt", default="student_best", help="student checkpoint in the run folder (default: %(default)s)")
+        sub.add_argument("--ckpt", default="student_best", help="student checkpoint in the run folder (default: "
+                         "%(default)s)" + ("; without RUN_DIR, a checkpoint file" if name == "cmi" else ""))
         sub.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides for every run")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        default_images = {"cka": 1000, "maps": 4, "ek": 0}[name]
+        default_images = {"cka": 1000, "maps": 4, "ek": 0, "cmi": 0}[name]
         sub.add_argument("--num-images", type=int, default=default_images,
                          help="validation images used, evenly spaced over the set (0: all; default: %(default)s)")
+        if name == "cmi":
+            sub.add_argument("--split", choices=("train", "test"), default="train",
+                             help="training images (with their augmentation) or validation images (default: %(default)s)")
         if name == "maps":
             sub.add_argument("--images", type=int, nargs="+", help="validation image indices (instead of --num-images)")
     return parser

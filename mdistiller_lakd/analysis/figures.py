@@ -15,6 +15,7 @@ CURVE_PANEL = (4.0, 3.0)  # one student's accuracy curves, or one logged loss
 CKA_PANEL = (3.6, 3.2)  # one run's teacher x student CKA matrix
 MAP_CELL = 1.5  # one image or map of the maps grid
 EK_FIGURE = (7.0, 3.5)
+CMI_FIGURE = (7.0, 3.5)
 _MAX_COLUMNS = 4
 
 
@@ -137,4 +138,17 @@ def plot_ek(labels: Sequence[str], stats: Sequence[Mapping]):
         ax.set_ylim(0, 118)  # room for the legend above the bars
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=6, loc="upper center", ncol=2)
+    return figure
+
+
+def plot_cmi(labels: Sequence[str], stats: Sequence[Mapping]):
+    """Bars per model: CMI (left) and top-1 (right) on the measured images."""
+    figure, axes = pyplot().subplots(1, 2, figsize=CMI_FIGURE, layout="constrained")
+    positions = list(range(len(labels)))
+    labels = [label if len(label) <= 32 else label[:31] + "…" for label in labels]  # folder names can be long
+    for ax, key, title, fmt in ((axes[0], "cmi", "CMI (nats)", "%.4f"), (axes[1], "top1", "top-1 (%)", "%.1f")):
+        bars = ax.bar(positions, [entry[key] for entry in stats], 0.6)
+        ax.bar_label(bars, fmt=fmt, fontsize=6)
+        ax.set_xticks(positions, labels, rotation=20, ha="right", fontsize=6)
+        ax.set_title(title, fontsize=9)
     return figure

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from ..engine.cfg import ConfigError
-from .cifar import LAYOUTS, cifar_loaders
+from .cifar import LAYOUTS, cifar_class_pool, cifar_loaders
 from .cifar_tensor import TensorCifarLoader
 from .common import DatasetNotFoundError
 from .imagenet import imagenet_loaders
 
-__all__ = ["DatasetNotFoundError", "TensorCifarLoader", "get_dataset"]
+__all__ = ["DatasetNotFoundError", "TensorCifarLoader", "class_pool", "get_dataset"]
 
 
 def _check_pipeline(cfg: CfgNode) -> None:
@@ -51,3 +51,14 @@ def get_dataset(
     if kind == "imagenet":
         return imagenet_loaders(cfg)
     return cifar_loaders(cfg, device)
+
+
+def class_pool(cfg: CfgNode, per_class: int, seed: int) -> torch.Tensor:
+    """Per-class training images [C, n, 3, 32, 32], normalised as training batches (see
+    ``cifar_class_pool``); MCMI's per-step centroid update draws from it. CIFAR only."""
+    if cfg.DATASET.TYPE not in LAYOUTS:
+        raise ConfigError(
+            f"MCMI.UPDATE_CENTROIDS: the per-class image pool is for CIFAR-10/100 only (DATASET.TYPE "
+            f"{cfg.DATASET.TYPE!r}: it would not fit in memory); set MCMI.UPDATE_CENTROIDS False"
+        )
+    return cifar_class_pool(cfg, per_class, seed)

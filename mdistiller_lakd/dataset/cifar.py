@@ -129,18 +129,45 @@ def eval_transform() -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
+def training_split(cfg: CfgNode) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels a run trains on (CAT-KD's reduction applied), downloaded if allowed."""
+    layout = LAYOUTS[cfg.DATASET.TYPE]
+    ensure_cifar(cfg.DATASET.ROOT, layout, cfg.DATASET.DOWNLOAD)
+    images, labels = read_split(cfg.DATASET.ROOT, layout, train=True)
+    if cfg.DATASET.REDUCTION:
+        kept = reduce_per_class(labels, cfg.DATASET.RESERVED_RATE, cfg.DATASET.RESERVED_CLASS_NUM)
+        images, labels = images[kept], labels[kept]
+    return images, labels
+
+
+def cifar_class_pool(cfg: CfgNode, per_class: int, seed: int) -> torch.Tensor:
+    """[C, n, 3, 32, 32]: for each class, n = min(per_class, smallest class count) training images
+    from a seeded permutation of its indices, each passed once through the training transform
+    (crop, flip, normalise: one frozen draw per image). Seeded apart from the run's RNG streams,
+    so every rank builds the same pool and training draws stay as without it."""
+    images, labels = training_split(cfg)
+    num_classes = LAYOUTS[cfg.DATASET.TYPE].num_classes
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    empty = [c for c, indices in enumerate(by_class) if len(indices) == 0]
+    if empty:
+        raise DatasetNotFoundError(f"the class pool needs training images of every class; none of classes {empty}")
+    count = min(per_class, *(len(indices) for indices in by_class))
+    permutation = np.random.default_rng(seed).permutation
+    dataset = CifarImages(images, labels, train_transform())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the transform's crops and flips
+        return torch.stack([
+            torch.stack([dataset[i][0] for i in permutation(indices)[:count]]) for indices in by_class
+        ])
+
+
 def cifar_loaders(
     cfg: CfgNode, device: torch.device | str | None = None
 ) -> tuple[DataLoader | TensorCifarLoader, DataLoader | TensorCifarLoader, int, int]:
     """``get_dataset`` for DATASET.TYPE cifar100 / cifar10; ``device`` holds the tensor pipeline's data."""
     layout = LAYOUTS[cfg.DATASET.TYPE]
-    root = cfg.DATASET.ROOT
-    ensure_cifar(root, layout, cfg.DATASET.DOWNLOAD)
-    train_images, train_labels = read_split(root, layout, train=True)
-    if cfg.DATASET.REDUCTION:
-        kept = reduce_per_class(train_labels, cfg.DATASET.RESERVED_RATE, cfg.DATASET.RESERVED_CLASS_NUM)
-        train_images, train_labels = train_images[kept], train_labels[kept]
-    test_images, test_labels = read_split(root, layout, train=False)
+    train_images, train_labels = training_split(cfg)
+    test_images, test_labels = read_split(cfg.DATASET.ROOT, layout, train=False)
 
     if cfg.DATASET.PIPELINE == "tensor":
         seed = cfg.EXPERIMENT.SEED if cfg.EXPERIMENT.SEED >= 0 else int(torch.randint(2**62, ()))

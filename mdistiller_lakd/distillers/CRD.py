@@ -96,6 +96,10 @@ class CRD(Distiller):
             cfg.CRD.FEAT.DIM, num_data, cfg.CRD.NCE.K, cfg.CRD.NCE.TEMPERATURE, cfg.CRD.NCE.MOMENTUM
         )
 
+    @classmethod
+    def build_kwargs(cls, cfg, student: nn.Module, num_classes: int, num_data: int) -> dict:
+        return {"num_data": num_data}
+
     def get_learnable_parameters(self) -> list[nn.Parameter]:
         return (
             super().get_learnable_parameters()

@@ -7,6 +7,7 @@ from .DKD import DKD
 from .FitNet import FitNet
 from .KD import KD
 from .LAKD import LAKD
+from .MCMI import MCMI
 from .OFD import OFD
 from .RKD import RKD
 
@@ -21,4 +22,5 @@ distiller_dict = {
     "DKD": DKD,
     "CAT_KD": CAT_KD,
     "LAKD": LAKD,
+    "MCMI": MCMI,
 }

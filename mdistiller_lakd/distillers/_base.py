@@ -11,7 +11,12 @@ class Distiller(nn.Module):
 
     ``forward(image=, target=, epoch=, ...)`` returns ``(logits, losses_dict)`` in training mode and
     the student's logits in eval mode; the trainer sums ``losses_dict`` and back-propagates it.
+
+    ``build_distiller`` loads a teacher only when ``requires_teacher`` is True and passes the
+    keyword arguments of ``build_kwargs``; the Trainer calls ``on_train_start`` once per fresh run.
     """
+
+    requires_teacher: bool = True  # False: build_distiller loads no teacher and passes None
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
@@ -35,6 +40,18 @@ class Distiller(nn.Module):
         """Number of parameters the method adds beyond the student (connectors, embeddings)."""
         return 0
 
+    @classmethod
+    def build_kwargs(cls, cfg, student: nn.Module, num_classes: int, num_data: int) -> dict:
+        """Extra keyword arguments of the constructor that come from the dataset (CRD's ``num_data``)
+        or from files; may prepare ``student`` (weights a method fine-tunes). ValueError when the
+        config cannot be used."""
+        return {}
+
+    def on_train_start(self, train_loader) -> dict[str, float]:
+        """Called once at the start of a fresh run (not on --resume), the model on its device; the
+        returned metrics are logged (worklog, tensorboard)."""
+        return {}
+
     def forward_train(self, **kwargs):
         raise NotImplementedError
 
@@ -50,7 +67,9 @@ class Distiller(nn.Module):
 class Vanilla(Distiller):
     """The student alone, trained with cross-entropy (``DISTILLER.TYPE: NONE``)."""
 
-    def __init__(self, student: nn.Module):
+    requires_teacher = False
+
+    def __init__(self, student: nn.Module, teacher: None = None, cfg=None):
         super().__init__(student, teacher=None)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):

@@ -101,17 +101,19 @@ def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
 
 
 def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
-    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student (and the loaded teacher); CRD's
-    memory banks also take the training-set size ``num_data``, as upstream."""
+    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student, with the loaded teacher when the
+    method ``requires_teacher``, and the extra arguments its ``build_kwargs`` gives (CRD's memory
+    banks take the training-set size ``num_data``, as upstream)."""
     method = cfg.DISTILLER.TYPE
     if method not in distiller_dict:
         raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
+    distiller_class = distiller_dict[method]
     student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
-    if method == "NONE":
-        return distiller_dict[method](student)
-    teacher = load_teacher(cfg, num_classes)
-    extra = {"num_data": num_data} if method == "CRD" else {}
+    teacher = load_teacher(cfg, num_classes) if distiller_class.requires_teacher else None
     try:
-        return distiller_dict[method](student, teacher, cfg, **extra)
+        extra = distiller_class.build_kwargs(cfg, student, num_classes, num_data)
+        return distiller_class(student, teacher, cfg, **extra)
+    except ConfigError:  # already names its key (e.g. the dataset's)
+        raise
     except ValueError as error:  # distillers stay free of our config types, to go upstream as-is
         raise ConfigError(f"{method}: {error}") from None

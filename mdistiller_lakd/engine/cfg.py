@@ -220,6 +220,17 @@ CFG.LAKD.LOSS.FINAL_FEAT_WEIGHT = 0.0
 CFG.LAKD.LOSS.CAM_RESOLUTION = 2
 CFG.LAKD.LOSS.IF_NORMALIZE = False
 
+# MCMI: fine-tune a trained teacher for high conditional mutual information (Ye et al., ICLR 2024)
+CFG.MCMI = CN()
+CFG.MCMI.INIT_CKPT = ""  # weights to fine-tune; "" = the released teacher of DISTILLER.STUDENT (cifar100)
+CFG.MCMI.LOSS = CN()
+CFG.MCMI.LOSS.CE_WEIGHT = 1.0
+CFG.MCMI.LOSS.CMI_WEIGHT = 0.15  # λ ≥ 0: the reference's `--param 1 -0.15` is 0.15
+CFG.MCMI.UPDATE_CENTROIDS = False  # per-step EMA of the centroids (switched off in the reference)
+CFG.MCMI.CENTROID_DECAY = 0.9999  # weight of the old centroid in the EMA
+CFG.MCMI.SAMPLES_PER_CLASS = 8  # pool images per class in each EMA step
+CFG.MCMI.POOL_PER_CLASS = 500  # training images per class in the pool
+
 
 def _key_of(error: Exception) -> str:
     """The config key a yacs error is about (yacs puts it after the last ':')."""

@@ -6,6 +6,9 @@ run's full config), and checkpoints
 ``latest``, ``best``, ``epoch_N`` (whole distiller, optimizer, epoch, best accuracy, RNG states) and
 ``student_latest``, ``student_best``, ``student_N`` (the student's weights, architecture, dataset).
 ``latest`` is written last in an epoch: it is the point a killed run resumes from.
+A fresh run (not a resumed one) first calls the distiller's ``on_train_start(train_loader)`` and
+logs what it returns (MCMI: its initial centroids and CMI); every epoch logs ``test_cmi``, the
+conditional mutual information of the validation outputs.
 
 Under torchrun (``distributed.py``) every rank trains on its share of each global batch and
 validates on the whole validation set; only the main rank writes logs, config and checkpoints.
@@ -37,6 +40,7 @@ from .utils import (
 # Names of the items of a training batch, in loader order; CRD's loader adds the last one.
 BATCH_ITEMS = ("image", "target", "index", "contrastive_index")
 WORKLOG_RULE = "-" * 25  # separates the worklog's per-epoch blocks, as upstream
+WORKLOG_DIGITS = {"test_cmi": 4}  # decimals of a worklog value; upstream's 2 for the others
 SUPPORTED_TRAINERS = ("base", "crd")  # upstream's SOLVER.TRAINER values this loop covers
 
 
@@ -228,7 +232,8 @@ class Trainer:
         distributed.broadcast_from_main(distributed.student_side_buffers(self.distiller))
         student = validate(self.val_loader, self._logits_of(lambda image: self.distiller(image=image)), self.device,
                            progress=self.is_main)
-        metrics = OrderedDict(test_acc=student.top1, test_acc_top5=student.top5, test_loss=student.loss)
+        metrics = OrderedDict(test_acc=student.top1, test_acc_top5=student.top5, test_loss=student.loss,
+                              test_cmi=student.cmi)
         teacher = getattr(self.distiller, "teacher", None)
         if teacher is not None:
             teacher_pred, targets = self._teacher_predictions(teacher)
@@ -266,6 +271,17 @@ class Trainer:
             for key, value in {"lr": lr, **values}.items():
                 self.tf_writer.add_scalar(f"iter/{key}", value, step)
 
+    def _log_start(self, metrics: dict[str, float]) -> None:
+        """What the distiller measured before training (``on_train_start``): console, tensorboard at
+        step 0, and ``key: value`` lines at the top of the worklog, outside the epoch blocks."""
+        if not self.is_main or not metrics:
+            return
+        for key, value in metrics.items():
+            print(log_msg(f"Before training: {key} {value:.4f}", "INFO"))
+            self.tf_writer.add_scalar(key, value, 0)
+        with open(self.worklog_path, "a") as worklog:
+            worklog.write("".join(f"{key}: {value:.4f}\n" for key, value in metrics.items()))
+
     def _log_epoch(self, epoch: int, lr: float, log_dict: OrderedDict, meters: dict[str, AverageMeter]) -> None:
         if not self.is_main:
             return
@@ -281,7 +297,7 @@ class Trainer:
         # Upstream's worklog.txt block, which its tools and ours parse, then each loss term's epoch
         # mean (LAKD's L_k, CE, CAT: the paper's Figure 5) as extra `train_<term>` lines.
         lines = [WORKLOG_RULE, f"epoch: {epoch}", f"lr: {lr:.2f}"]
-        lines += [f"{key}: {value:.2f}" for key, value in log_dict.items()]
+        lines += [f"{key}: {value:.{WORKLOG_DIGITS.get(key, 2)}f}" for key, value in log_dict.items()]
         lines += [
             f"train_{key[len('train_losses/'):]}: {meter.avg:.4f}"
             for key, meter in meters.items() if key.startswith("train_losses/")
@@ -329,7 +345,9 @@ class Trainer:
     def _start_fresh(self) -> int:
         if self.is_main and os.path.exists(os.path.join(self.log_path, "latest")):
             print(log_msg(f"Overwriting the run in {self.log_path} (pass --resume to continue it)", "INFO"))
-        self._truncate_worklog(last_epoch=0)
+        if self.is_main and os.path.exists(self.worklog_path):
+            os.remove(self.worklog_path)  # the overwritten run's lines, those before its epochs too
+        self._log_start(self.distiller.on_train_start(self.train_loader))
         return 1
 
     def _resume(self) -> int:

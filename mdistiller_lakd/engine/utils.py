@@ -16,12 +16,13 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from .cfg import ConfigError
+from .metrics import CMIAccumulator
 
 # Overrides that say where files live or how fast data loads stay out of the experiment name: a
 # path in it would nest folders (the teacher's architecture is in the name already).
 _NAME_NEUTRAL_KEYS = {
     "LOG.PREFIX", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "DISTILLER.TEACHER_CKPT",
-    "DISTILLER.TEACHER_URL",
+    "DISTILLER.TEACHER_URL", "MCMI.INIT_CKPT",
 }
 # The longest file name ext4, XFS, btrfs, APFS and NTFS accept (bytes; 255 UTF-16 units on NTFS).
 MAX_NAME_BYTES = 255
@@ -160,6 +161,7 @@ class Evaluation(NamedTuple):
     loss: float
     predictions: torch.Tensor  # top-1 class per validation image, on the CPU
     targets: torch.Tensor
+    cmi: float  # conditional mutual information of the softmax outputs (metrics.CMIAccumulator)
 
 
 def validate(
@@ -170,9 +172,10 @@ def validate(
     progress: bool = True,
 ) -> Evaluation:
     """Top-1, top-5 and cross-entropy of ``logits_of(image)`` over ``val_loader`` (the caller puts
-    the model in eval mode); also returns every prediction, in loader order. ``progress`` shows a
-    progress bar."""
+    the model in eval mode), and their CMI; also returns every prediction, in loader order.
+    ``progress`` shows a progress bar."""
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    cmi = CMIAccumulator()
     predictions, targets = [], []
     bar = tqdm(val_loader, total=len(val_loader), leave=False, disable=not progress)
     with torch.no_grad():
@@ -185,8 +188,9 @@ def validate(
             losses.update(F.cross_entropy(logits, target).item(), batch_size)
             top1.update(acc1, batch_size)
             top5.update(acc5, batch_size)
+            cmi.update(logits, target)
             predictions.append(logits.argmax(dim=1).cpu())
             targets.append(target.cpu())
             bar.set_description(log_msg(f"{desc}Top-1:{top1.avg:.3f}| Top-5:{top5.avg:.3f}", "EVAL"))
-    return Evaluation(top1.avg, top5.avg, losses.avg, torch.cat(predictions), torch.cat(targets))
+    return Evaluation(top1.avg, top5.avg, losses.avg, torch.cat(predictions), torch.cat(targets), cmi.compute())
 
