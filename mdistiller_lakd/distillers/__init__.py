@@ -1,10 +1,11 @@
 """The distiller registry: ``DISTILLER.TYPE`` -> class, under upstream mdistiller's names."""
-from ._base import Distiller, Vanilla
+from ._base import Distiller, ImageGrid, Vanilla
 from .AT import AT
 from .CAT_KD import CAT_KD
 from .CRD import CRD
 from .DKD import DKD
 from .FitNet import FitNet
+from .HARD import HARD
 from .KD import KD
 from .LAKD import LAKD
 from .OFD import OFD
@@ -21,4 +22,5 @@ distiller_dict = {
     "DKD": DKD,
     "CAT_KD": CAT_KD,
     "LAKD": LAKD,
+    "HARD": HARD,
 }
