@@ -45,14 +45,15 @@ class LearnedAffineAugmentor(nn.Module):
         self.mu = nn.Parameter(torch.zeros(components, len(bounds)))
         self.log_sigma = nn.Parameter(torch.full((components, len(bounds)), math.log(init_sigma)))
 
-    def draw(self, n: int) -> torch.Tensor:
-        """``u`` [n, P] for n images: a component and a normal noise vector per image."""
+    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``u`` [n, P] for n images: a component and a normal noise vector per image, from
+        ``generator`` (default: the global RNG)."""
         components, size = self.mu.shape
-        eps = torch.randn(n, size, device=self.mu.device)
+        eps = torch.randn(n, size, device=self.mu.device, generator=generator)
         if components == 1:
             mu, log_sigma = self.mu.expand(n, -1), self.log_sigma.expand(n, -1)
         else:
-            k = torch.randint(components, (n,), device=self.mu.device)
+            k = torch.randint(components, (n,), device=self.mu.device, generator=generator)
             mu, log_sigma = self.mu[k], self.log_sigma[k]
         return self.bounds * torch.tanh(mu + log_sigma.exp() * eps)
 

@@ -137,7 +137,9 @@ class HARD(Distiller):
         self._epoch_updates = 0
         with torch.no_grad():
             metrics["hard/sigma_mean"] = self.augmentor.log_sigma.exp().mean().item()
-            metrics["hard/u_abs_mean"] = self.augmentor.u_abs_mean(self.augmentor.draw(256))
+            # Fixed noise: the statistic follows the parameters alone, comparable across epochs.
+            fixed = torch.Generator(device=self.augmentor.mu.device).manual_seed(0)
+            metrics["hard/u_abs_mean"] = self.augmentor.u_abs_mean(self.augmentor.draw(256, fixed))
         return metrics
 
     def epoch_images(self, images: torch.Tensor) -> list[ImageGrid]:
