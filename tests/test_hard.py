@@ -25,6 +25,7 @@ from mdistiller_lakd.engine.cfg import load_cfg
 from mdistiller_lakd.engine.checkpoint import load_checkpoint, save_checkpoint
 from mdistiller_lakd.engine.trainer import Trainer
 from mdistiller_lakd.models import cifar_model_dict
+from test_baseline_configs import PAIRS, read
 from test_distributed import free_port
 from test_trainer import KILL_MID_EPOCH, event_tags
 
@@ -297,13 +298,16 @@ def test_train_shows_grids_and_scalars_and_resumes_to_the_uninterrupted_run(tmp_
         with Image.open(os.path.join(run_dir, "hard_aug", f"epoch_{epoch}.png")) as picture:
             assert picture.size == (16 * 34 + 2, 2 * 34 + 2)
     with open(os.path.join(run_dir, "worklog.txt")) as f:
-        epochs, _ = parse_worklog(f.read())
+        worklog = f.read()
+    epochs, _ = parse_worklog(worklog)
     keys = ["hard/disagreement", "hard/teacher_shift", "hard/sigma_mean", "hard/u_abs_mean"]
     assert list(epochs) == [1, 2] and all(key in block for block in epochs.values() for key in keys), epochs
-    assert all(epochs[e]["hard/disagreement"] > 0 for e in epochs)
-    scalars = read_scalars(os.path.join(run_dir, "train.events"))
+    assert all(epochs[e]["hard/disagreement"] > 0 for e in epochs), worklog
+    # Tensorboard: from the uninterrupted run (a SIGKILL may cut the last records of an event file).
+    events = os.path.join(runs["straight"], "train.events")
+    scalars = read_scalars(events)
     assert all(len(scalars[key]) == 2 for key in keys + ["train_losses/loss_kd_aug"])
-    assert "hard/augmented" in event_tags(os.path.join(run_dir, "train.events"))
+    assert "hard/augmented" in event_tags(events)
     # Resumed from `latest` (augmentor, its Adam, the step counter, RNG): the uninterrupted result.
     got, expected = (load_checkpoint(os.path.join(runs[n], "latest"))["model"] for n in ("resumed", "straight"))
     assert got["step_count"].item() == 4
@@ -343,3 +347,32 @@ def test_two_ranks_keep_one_augmentor(tmp_path):
     state_0, state_1 = ranks[0]["state"], ranks[1]["state"]
     assert not torch.equal(state_0["augmentor.mu"], torch.zeros_like(state_0["augmentor.mu"]))
     assert [key for key in state_0 if key != "_extra_state" and not torch.equal(state_0[key], state_1[key])] == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Config node and shipped configs
+
+NODE_DEFAULTS = {
+    "TEMPERATURE": 4.0, "LOSS.CE_WEIGHT": 0.1, "LOSS.KD_WEIGHT": 0.9, "LOSS.AUG_KD_WEIGHT": 0.9,
+    "AUG.TYPE": "affine_color", "AUG.COMPONENTS": 1, "AUG.TRANSLATE_MAX": 0.25, "AUG.LINEAR_MAX": 0.25,
+    "AUG.GAIN_MAX": 0.2, "AUG.BIAS_MAX": 0.2, "AUG.INIT_SIGMA": 0.1, "AUG.PADDING": "zeros", "AUG.LR": 0.001,
+    "AUG.UPDATE_EVERY": 1, "AUG.TEACHER_REG": 1.0, "AUG.VIS_NUM": 16,
+}
+
+
+def node_values(cfg) -> dict:
+    return {key: read(cfg.HARD, key) for key in NODE_DEFAULTS}
+
+
+def test_node_defaults_and_the_shipped_configs():
+    assert node_values(load_cfg()) == NODE_DEFAULTS
+    for pair, models in PAIRS.items():
+        cfg = load_cfg(os.path.join(REPO_ROOT, "configs", "cifar100", "hard", f"{pair}.yaml"))
+        assert (cfg.DISTILLER.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT) == ("HARD", *models)
+        solver = cfg.SOLVER
+        assert (solver.EPOCHS, solver.LR, solver.LR_DECAY_STAGES, solver.BATCH_SIZE) == (240, 0.05, [150, 180, 210], 64)
+        assert node_values(cfg) == NODE_DEFAULTS
+    cfg = load_cfg(os.path.join(REPO_ROOT, "configs", "imagenet", "hard", "r34_r18.yaml"))
+    assert (cfg.DATASET.TYPE, cfg.DISTILLER.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT) == (
+        "imagenet", "HARD", "ResNet34", "ResNet18")
+    assert (cfg.HARD.TEMPERATURE, cfg.HARD.LOSS.KD_WEIGHT, cfg.SOLVER.BATCH_SIZE) == (1.0, 0.5, 512)
