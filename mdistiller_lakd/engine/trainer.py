@@ -5,7 +5,9 @@ Output folder ``LOG.PREFIX/<experiment name>`` (see ``utils.experiment_name``):
 run's full config), and checkpoints
 ``latest``, ``best``, ``epoch_N`` (whole distiller, optimizer, epoch, best accuracy, RNG states) and
 ``student_latest``, ``student_best``, ``student_N`` (the student's weights, architecture, dataset).
-``latest`` is written last in an epoch: it is the point a killed run resumes from.
+``latest`` is written last in an epoch: it is the point a killed run resumes from. A distiller's
+``epoch_metrics`` join the worklog and tensorboard, its ``epoch_images`` grids go to
+``<folder>/epoch_N.png`` and tensorboard.
 
 Under torchrun (``distributed.py``) every rank trains on its share of each global batch and
 validates on the whole validation set; only the main rank writes logs, config and checkpoints.
