@@ -28,7 +28,9 @@ def _check_config(aug) -> None:
         if aug[key] < 0:
             raise ValueError(f"HARD.AUG.{key} must be >= 0, got {aug[key]}")
     if aug.LINEAR_MAX >= 1:
-        raise ValueError(f"HARD.AUG.LINEAR_MAX must be < 1 (the affine matrix could fold the image), got {aug.LINEAR_MAX}")
+        raise ValueError(
+            f"HARD.AUG.LINEAR_MAX must be < 1 (the affine matrix could fold the image), got {aug.LINEAR_MAX}"
+        )
     for key in ("COMPONENTS", "UPDATE_EVERY"):
         if aug[key] < 1:
             raise ValueError(f"HARD.AUG.{key} must be >= 1, got {aug[key]}")
@@ -49,7 +51,8 @@ class HARD(Distiller):
         if hard.TEMPERATURE <= 0:
             raise ValueError(f"HARD.TEMPERATURE must be > 0, got {hard.TEMPERATURE}")
         self.temperature = hard.TEMPERATURE
-        self.ce_weight, self.kd_weight, self.aug_kd_weight = hard.LOSS.CE_WEIGHT, hard.LOSS.KD_WEIGHT, hard.LOSS.AUG_KD_WEIGHT
+        loss = hard.LOSS
+        self.ce_weight, self.kd_weight, self.aug_kd_weight = loss.CE_WEIGHT, loss.KD_WEIGHT, loss.AUG_KD_WEIGHT
         self.teacher_reg, self.update_every = aug.TEACHER_REG, aug.UPDATE_EVERY
         self.num_epoch_images = aug.VIS_NUM
         self.teacher.requires_grad_(False)

@@ -299,7 +299,9 @@ class Trainer:
         with torch.no_grad():
             grids = self.distiller.epoch_images(self._epoch_images())
         self.distiller.train(was_training)
-        mean, std = (torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in normalization(self.cfg.DATASET.TYPE))
+        mean, std = (
+            torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in normalization(self.cfg.DATASET.TYPE)
+        )
         for grid in grids:
             images = (grid.rows.flatten(0, 1).float() * std + mean).clamp(0, 1)
             picture = torchvision.utils.make_grid(images.cpu(), nrow=grid.rows.shape[1])
