@@ -12,12 +12,19 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from ..engine.cfg import ConfigError
+from . import cifar, imagenet
 from .cifar import LAYOUTS, cifar_class_pool, cifar_loaders
 from .cifar_tensor import TensorCifarLoader
 from .common import DatasetNotFoundError
 from .imagenet import imagenet_loaders
 
-__all__ = ["DatasetNotFoundError", "TensorCifarLoader", "class_pool", "get_dataset"]
+__all__ = ["DatasetNotFoundError", "TensorCifarLoader", "class_pool", "get_dataset", "normalization"]
+
+
+def normalization(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel with which DATASET.TYPE ``kind``'s loaders normalise images."""
+    source = imagenet if kind == "imagenet" else cifar
+    return source.MEAN, source.STD
 
 
 def _check_pipeline(cfg: CfgNode) -> None:

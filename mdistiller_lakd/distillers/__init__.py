@@ -1,10 +1,11 @@
 """The distiller registry: ``DISTILLER.TYPE`` -> class, under upstream mdistiller's names."""
-from ._base import Distiller, Vanilla
+from ._base import Distiller, ImageGrid, Vanilla
 from .AT import AT
 from .CAT_KD import CAT_KD
 from .CRD import CRD
 from .DKD import DKD
 from .FitNet import FitNet
+from .HARD import HARD
 from .KD import KD
 from .LAKD import LAKD
 from .MCMI import MCMI
@@ -23,4 +24,5 @@ distiller_dict = {
     "CAT_KD": CAT_KD,
     "LAKD": LAKD,
     "MCMI": MCMI,
+    "HARD": HARD,
 }

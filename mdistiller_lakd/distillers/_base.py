@@ -1,9 +1,20 @@
 """The distiller interface shared by every method (upstream mdistiller's, unchanged)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class ImageGrid(NamedTuple):
+    """Images a distiller shows once per epoch: the trainer writes ``<run>/<folder>/epoch_<N>.png``
+    and the tensorboard image ``tag``."""
+
+    folder: str
+    tag: str
+    rows: torch.Tensor  # [rows, n, C, H, W], in the normalised input space of the training images
 
 
 class Distiller(nn.Module):
@@ -14,9 +25,13 @@ class Distiller(nn.Module):
 
     ``build_distiller`` loads a teacher only when ``requires_teacher`` is True and passes the
     keyword arguments of ``build_kwargs``; the Trainer calls ``on_train_start`` once per fresh run.
+    Other optional trainer hooks, no-ops here: ``get_self_optimized_parameters`` (parameters the method
+    steps with its own optimizer), ``epoch_metrics`` (per-epoch scalars) and ``epoch_images`` (a
+    per-epoch image grid of ``num_epoch_images`` fixed validation images).
     """
 
     requires_teacher: bool = True  # False: build_distiller loads no teacher and passes None
+    num_epoch_images = 0  # validation images `epoch_images` is given each epoch (0: not called)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
@@ -51,6 +66,22 @@ class Distiller(nn.Module):
         """Called once at the start of a fresh run (not on --resume), the model on its device; the
         returned metrics are logged (worklog, tensorboard)."""
         return {}
+
+    def get_self_optimized_parameters(self) -> list[nn.Parameter]:
+        """Parameters outside the trainer's optimizer that the method updates itself (and, under
+        torchrun, averages across ranks itself): trainable, but never in DDP's reducer."""
+        return []
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Scalars of the epoch just trained, logged to the worklog and tensorboard; called once per
+        epoch on every rank (the trainer averages them across ranks), which resets them."""
+        return {}
+
+    def epoch_images(self, images: torch.Tensor) -> list[ImageGrid]:
+        """Grids to show for the epoch just trained, given ``num_epoch_images`` fixed validation
+        images (fewer if the validation set is smaller); called on the main rank only, with the
+        global RNG state restored afterwards."""
+        return []
 
     def forward_train(self, **kwargs):
         raise NotImplementedError

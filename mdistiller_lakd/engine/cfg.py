@@ -230,6 +230,26 @@ CFG.MCMI.UPDATE_CENTROIDS = False  # per-step EMA of the centroids (switched off
 CFG.MCMI.CENTROID_DECAY = 0.9999  # weight of the old centroid in the EMA
 CFG.MCMI.SAMPLES_PER_CLASS = 8  # pool images per class in each EMA step
 CFG.MCMI.POOL_PER_CLASS = 500  # training images per class in the pool
+# HARD: learned hard augmentations (our variant; README "HARD")
+CFG.HARD = CN()
+CFG.HARD.TEMPERATURE = 4.0
+CFG.HARD.LOSS = CN()
+CFG.HARD.LOSS.CE_WEIGHT = 0.1
+CFG.HARD.LOSS.KD_WEIGHT = 0.9
+CFG.HARD.LOSS.AUG_KD_WEIGHT = 0.9
+CFG.HARD.AUG = CN()
+CFG.HARD.AUG.TYPE = "affine_color"  # "affine" | "affine_color"
+CFG.HARD.AUG.COMPONENTS = 1  # mixture components
+CFG.HARD.AUG.TRANSLATE_MAX = 0.25  # normalised coordinates: 0.25 is 4 pixels on 32 x 32
+CFG.HARD.AUG.LINEAR_MAX = 0.25  # the affine matrix's linear part minus the identity; < 1
+CFG.HARD.AUG.GAIN_MAX = 0.2  # per-channel gain
+CFG.HARD.AUG.BIAS_MAX = 0.2  # per-channel bias, in normalised units
+CFG.HARD.AUG.INIT_SIGMA = 0.1
+CFG.HARD.AUG.PADDING = "zeros"  # grid_sample's padding_mode
+CFG.HARD.AUG.LR = 0.001  # the augmentor's Adam
+CFG.HARD.AUG.UPDATE_EVERY = 1  # an augmentor step every N student steps
+CFG.HARD.AUG.TEACHER_REG = 1.0  # beta, weight of the teacher-consistency term
+CFG.HARD.AUG.VIS_NUM = 16  # images in the per-epoch grid
 
 
 def _key_of(error: Exception) -> str:

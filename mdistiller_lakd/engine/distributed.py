@@ -198,17 +198,25 @@ class GradientSync:
         broadcast_from_main([p.detach() for p in distiller.parameters()] + list(distiller.buffers()))
 
     def __call__(self) -> None:
-        for parameter in self.parameters:
-            if parameter.grad is None:  # unused this step here, maybe not on another rank
-                parameter.grad = torch.zeros_like(parameter)
-        num_ranks = world_size()
-
-        def average(flat: torch.Tensor) -> None:
-            dist.all_reduce(flat)  # gloo has no AVG: sum, then divide
-            flat.div_(num_ranks)
-
-        _coalesced([p.grad for p in self.parameters], average)
+        average_gradients(self.parameters)
         broadcast_from_main(student_side_buffers(self.distiller))
+
+
+def average_gradients(parameters: Sequence[nn.Parameter]) -> None:
+    """Average the ``.grad`` of ``parameters`` across ranks in place (a no-op without a group); a
+    parameter without a gradient here counts as a zero gradient."""
+    if not is_distributed():
+        return
+    for parameter in parameters:
+        if parameter.grad is None:  # unused this step here, maybe not on another rank
+            parameter.grad = torch.zeros_like(parameter)
+    num_ranks = world_size()
+
+    def average(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat)  # gloo has no AVG: sum, then divide
+        flat.div_(num_ranks)
+
+    _coalesced([p.grad for p in parameters], average)
 
 
 def _no_sync() -> None:
@@ -229,15 +237,19 @@ def prepare_for_training(
     distiller: nn.Module, cfg: CfgNode, device: torch.device
 ) -> tuple[nn.Module, Callable[[], None]]:
     """``(model, after_backward)``: the module a training step calls and what to run after its
-    final backward. Under torchrun: parameters outside ``get_learnable_parameters`` (the teacher)
-    are frozen, BatchNorms of all but the teacher become SyncBatchNorm with SOLVER.SYNC_BN, and the
-    distiller is wrapped in DDP, or synchronised by ``GradientSync`` when it has ``local_backward``."""
+    final backward. Under torchrun: parameters outside ``get_learnable_parameters`` and
+    ``get_self_optimized_parameters`` (the teacher) are frozen, BatchNorms of all but the teacher
+    become SyncBatchNorm with SOLVER.SYNC_BN, and the distiller is wrapped in DDP, or synchronised by
+    ``GradientSync`` when it has ``local_backward``. Self-optimised parameters (a distiller's own
+    optimizer steps them and averages their gradients itself) start from the main rank's values and
+    stay outside DDP."""
     if not is_distributed():
         return distiller, _no_sync
     _check_distributed_config(cfg, device)
-    learnable = {id(p) for p in distiller.get_learnable_parameters()}
+    self_optimized = list(distiller.get_self_optimized_parameters())
+    trainable = {id(p) for p in [*distiller.get_learnable_parameters(), *self_optimized]}
     for parameter in distiller.parameters():
-        if id(parameter) not in learnable:
+        if id(parameter) not in trainable:
             parameter.requires_grad_(False)
     if cfg.SOLVER.SYNC_BN:
         for name, child in distiller.named_children():
@@ -245,5 +257,10 @@ def prepare_for_training(
                 setattr(distiller, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     if getattr(distiller, "local_backward", False):
         return distiller, GradientSync(distiller)
+    broadcast_from_main([p.detach() for p in self_optimized])
+    ignored = {id(p) for p in self_optimized}
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        distiller, [name for name, p in distiller.named_parameters() if id(p) in ignored]
+    )
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(distiller, device_ids=device_ids), _no_sync

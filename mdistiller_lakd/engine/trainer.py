@@ -8,7 +8,8 @@ run's full config), and checkpoints
 ``latest`` is written last in an epoch: it is the point a killed run resumes from.
 A fresh run (not a resumed one) first calls the distiller's ``on_train_start(train_loader)`` and
 logs what it returns (MCMI: its initial centroids and CMI); every epoch logs ``test_cmi``, the
-conditional mutual information of the validation outputs.
+conditional mutual information of the validation outputs. A distiller's ``epoch_metrics`` join the
+worklog and tensorboard, its ``epoch_images`` grids go to ``<folder>/epoch_N.png`` and tensorboard.
 
 Under torchrun (``distributed.py``) every rank trains on its share of each global batch and
 validates on the whole validation set; only the main rank writes logs, config and checkpoints.
@@ -25,10 +26,12 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
+import torchvision
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 from yacs.config import CfgNode
 
+from ..dataset import normalization
 from .cfg import ConfigError
 from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temp_files, save_checkpoint
@@ -93,6 +96,7 @@ class Trainer:
         )
         self.best_acc = -1.0
         self.teacher_predictions = None  # (predictions, targets) on the validation set, computed once
+        self.vis_images = None  # the validation images of the distiller's epoch_images, fetched once
         self.clock = time.perf_counter  # what timings read; tests substitute a fake clock
 
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
@@ -143,7 +147,12 @@ class Trainer:
         log_dict.update(self.evaluate())
         improved = log_dict["test_acc"] >= self.best_acc
         self.best_acc = max(self.best_acc, log_dict["test_acc"])
-        self._log_epoch(epoch, lr, log_dict, meters)
+        # The hooks may draw random numbers: training's sequence (and what a resume replays) must not
+        # depend on whether they are logged.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            method_metrics = self._method_metrics()
+            self._write_epoch_images(epoch)
+        self._log_epoch(epoch, lr, log_dict, meters, method_metrics)
         self._save(epoch, improved)
 
     def train_pass(self, epoch: int) -> dict[str, AverageMeter]:
@@ -265,6 +274,47 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Logging
 
+    def _method_metrics(self) -> dict[str, float]:
+        """The distiller's ``epoch_metrics``, averaged across ranks."""
+        metrics = self.distiller.epoch_metrics()
+        if not metrics:
+            return {}
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+        return dict(zip(metrics, distributed.mean_across_ranks(values).tolist()))
+
+    def _epoch_images(self) -> torch.Tensor:
+        """The first ``num_epoch_images`` validation images (the loader does not shuffle), once."""
+        if self.vis_images is None:
+            wanted, batches = self.distiller.num_epoch_images, []
+            for batch in self.val_loader:
+                batches.append(batch[0])
+                if sum(map(len, batches)) >= wanted:
+                    break
+            self.vis_images = self._prepare_image(torch.cat(batches)[:wanted].to(self.device))
+        return self.vis_images
+
+    def _write_epoch_images(self, epoch: int) -> None:
+        """The distiller's ``epoch_images`` grids, denormalised: ``<run>/<folder>/epoch_<N>.png`` and
+        tensorboard images (main rank only)."""
+        if not self.is_main or self.distiller.num_epoch_images <= 0:
+            return
+        was_training = self.distiller.training
+        self.distiller.eval()
+        with torch.no_grad():
+            grids = self.distiller.epoch_images(self._epoch_images())
+        self.distiller.train(was_training)
+        mean, std = (
+            torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in normalization(self.cfg.DATASET.TYPE)
+        )
+        for grid in grids:
+            images = (grid.rows.flatten(0, 1).float() * std + mean).clamp(0, 1)
+            picture = torchvision.utils.make_grid(images.cpu(), nrow=grid.rows.shape[1])
+            folder = os.path.join(self.log_path, grid.folder)
+            os.makedirs(folder, exist_ok=True)
+            atomic_write(os.path.join(folder, f"epoch_{epoch}.png"),
+                         lambda f: torchvision.utils.save_image(picture, f, format="png"))
+            self.tf_writer.add_image(grid.tag, picture, epoch)
+
     def _log_iteration(self, step: int, values: dict[str, float]) -> None:
         if self.is_main and step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -282,10 +332,13 @@ class Trainer:
         with open(self.worklog_path, "a") as worklog:
             worklog.write("".join(f"{key}: {value:.4f}\n" for key, value in metrics.items()))
 
-    def _log_epoch(self, epoch: int, lr: float, log_dict: OrderedDict, meters: dict[str, AverageMeter]) -> None:
+    def _log_epoch(
+        self, epoch: int, lr: float, log_dict: OrderedDict, meters: dict[str, AverageMeter],
+        method_metrics: dict[str, float],
+    ) -> None:
         if not self.is_main:
             return
-        scalars = {**log_dict, "lr": lr}
+        scalars = {**log_dict, "lr": lr, **method_metrics}
         scalars.update({key: meter.avg for key, meter in meters.items() if key.startswith("train_losses/")})
         scalars.update({"time/data": meters["data_time"].avg, "time/train": meters["train_time"].avg})
         for key, value in scalars.items():
@@ -295,13 +348,15 @@ class Trainer:
             self.wandb.log({"current lr": lr, **scalars})
             self.wandb.run.summary["best_acc"] = self.best_acc
         # Upstream's worklog.txt block, which its tools and ours parse, then each loss term's epoch
-        # mean (LAKD's L_k, CE, CAT: the paper's Figure 5) as extra `train_<term>` lines.
+        # mean (LAKD's L_k, CE, CAT: the paper's Figure 5) as extra `train_<term>` lines, then the
+        # distiller's epoch_metrics.
         lines = [WORKLOG_RULE, f"epoch: {epoch}", f"lr: {lr:.2f}"]
         lines += [f"{key}: {value:.{WORKLOG_DIGITS.get(key, 2)}f}" for key, value in log_dict.items()]
         lines += [
             f"train_{key[len('train_losses/'):]}: {meter.avg:.4f}"
             for key, meter in meters.items() if key.startswith("train_losses/")
         ]
+        lines += [f"{key}: {value:.4f}" for key, value in method_metrics.items()]
         lines.append(WORKLOG_RULE)
         with open(self.worklog_path, "a") as worklog:
             worklog.write("\n".join(lines) + "\n")
