@@ -203,6 +203,28 @@ def test_without_submitit_slurm_names_the_extra(tmp_path, monkeypatch):
     assert 'pip install -e ".[slurm]"' in err
 
 
+def test_slurm_options_reach_the_job_array(tmp_path, monkeypatch):
+    """Stand-ins for Slurm's srun and sbatch (which keeps a copy of the script it is given)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with working_directory(tmp_path):
+        status, out, err = call_grid(TINY, "--executor", "slurm", "--partition", "gpu", "--time", "1:30:00",
+                                     "--constraint", "a100", "--gpus", "2", "--slurm-arg", "account=proj",
+                                     "--array-parallelism", "3")
+    assert status == 0, err
+    assert "submitted 4 of 4 cells" in out
+    assert "job 4242_0: cifar100_baselines/vanilla,resnet20,seed0" in out
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("--partition=gpu", "--time=90", "--constraint=a100", "--gpus-per-node=2", "--account=proj",
+                 "--array=0-3%3"):
+        assert f"#SBATCH {line}\n" in script
+
+
 def test_slurm_time_limits_in_minutes():
     from mdistiller_lakd.grid.slurm import minutes
 

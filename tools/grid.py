@@ -36,10 +36,12 @@ def slurm_args(parser: argparse.ArgumentParser) -> None:
 
 def run_slurm(args: argparse.Namespace, grid) -> int:
     try:
-        from mdistiller_lakd.grid.slurm import SlurmOptions, submit
+        import submitit  # noqa: F401 (the slurm extra)
     except ImportError:
         print('error: --executor slurm needs submitit: pip install -e ".[slurm]"', file=sys.stderr)
         return 2
+    from mdistiller_lakd.grid.slurm import SlurmOptions, SlurmUnavailableError, submit
+
     extra = dict(item.split("=", 1) for item in args.slurm_arg if "=" in item)
     if len(extra) != len(args.slurm_arg):
         print("error: --slurm-arg takes KEY=VALUE", file=sys.stderr)
@@ -49,7 +51,11 @@ def run_slurm(args: argparse.Namespace, grid) -> int:
         mem_gb=args.mem_gb, constraint=args.constraint, array_parallelism=args.array_parallelism,
         requeues=args.requeues, extra=extra,
     )
-    jobs = submit(grid.cells, grid.output, options, args.cluster)
+    try:
+        jobs = submit(grid.cells, grid.output, options, args.cluster)
+    except SlurmUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"[grid] submitted {len(jobs)} of {len(grid.cells)} cells (the others are finished)")
     for cell, job in jobs:
         print(f"[grid]   job {job.job_id}: {cell.name}")

@@ -166,18 +166,19 @@ def load_grid(path: str, workdir: str | None = None) -> Grid:
     files = [(index, entry, config) for index, entry in enumerate(entries)
              for config in _config_files(entry, f"{path}: configs[{index}] {entry!r}", grid_dir)]
     for index, entry, config in files:
+        shown = os.path.relpath(config, REPO_ROOT) if config.startswith(REPO_ROOT + os.sep) else config
         for variant, variant_opts in variants.items():
             try:
                 cfg = load_cfg(config, opts + variant_opts)
             except ConfigError as error:
                 raise ConfigError(f"{path}: configs[{index}] {entry!r}: {error}") from None
+            run_name = f"{cfg.EXPERIMENT.PROJECT}/{cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG}" + (
+                f",{variant}" if variant else "")
             for seed in seeds:
                 cell_opts = opts + variant_opts + [SEED_KEY, str(seed), PREFIX_KEY, output]
-                where = os.path.relpath(config, REPO_ROOT) if config.startswith(REPO_ROOT + os.sep) else config
                 cell = Cell(
-                    name=f"{cfg.EXPERIMENT.PROJECT}/{cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG}"
-                         + (f",{variant}" if variant else "") + f",seed{seed}",
-                    entry=f"configs[{index}] {entry!r} ({where}" + (f", variant {variant}" if variant else "")
+                    name=f"{run_name},seed{seed}",
+                    entry=f"configs[{index}] {entry!r} ({shown}" + (f", variant {variant}" if variant else "")
                           + f", seed {seed})",
                     config=config,
                     opts=tuple(cell_opts),
@@ -307,11 +308,12 @@ def report(cells: Sequence[Cell]) -> tuple[str, bool]:
     """The results table of ``cells`` (tools/compare.py's: mean ± std over seeds, best and last,
     gain over the from-scratch student) followed by the cells missing or failed, by name; and
     whether every cell finished."""
-    runs, missing, failed = [], [], []
+    runs, missing, failed, complete = [], [], [], True
     for cell in cells:
-        state = cell_state(cell)
+        finished = cell_state(cell).action == SKIP
+        complete = complete and finished
         status = last_exit_status(cell)
-        if state.action != SKIP and status:
+        if status and not finished:
             failed.append(f"  {cell.name}: exit status {status}, log {os.path.join(cell.run_dir, LOG_FILE)}")
         try:
             runs.append(read_run(cell.run_dir))
@@ -322,5 +324,4 @@ def report(cells: Sequence[Cell]) -> tuple[str, bool]:
         parts.append(f"missing ({len(missing)}: no epoch finished):\n" + "\n".join(missing))
     if failed:
         parts.append(f"failed ({len(failed)}):\n" + "\n".join(failed))
-    complete = all(cell_state(cell).action == SKIP for cell in cells)
     return "\n".join(parts), complete

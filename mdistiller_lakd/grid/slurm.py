@@ -16,6 +16,10 @@ from .cells import SKIP, Cell, CellRun, cell_state
 SUBMITIT_FOLDER = "submitit"  # under the grid's output: job scripts, pickles and Slurm's logs
 
 
+class SlurmUnavailableError(RuntimeError):
+    """No Slurm on this machine (submitit finds no srun)."""
+
+
 class CellJob(submitit.helpers.Checkpointable):
     """A cell as a job. Checkpointable: on preemption or timeout submitit requeues this same object,
     and calling it again resumes the run (the state is read from the run folder at each start)."""
@@ -61,8 +65,11 @@ def submit(cells: list[Cell], output: str, options: SlurmOptions, cluster: str =
     todo = [cell for cell in cells if cell_state(cell).action != SKIP]
     if not todo:
         return []
-    executor = submitit.AutoExecutor(folder=os.path.join(output, SUBMITIT_FOLDER, "%j"), cluster=cluster,
-                                     slurm_max_num_timeout=options.requeues)
+    try:
+        executor = submitit.AutoExecutor(folder=os.path.join(output, SUBMITIT_FOLDER, "%j"), cluster=cluster,
+                                         slurm_max_num_timeout=options.requeues)
+    except RuntimeError as error:
+        raise SlurmUnavailableError(f"--executor slurm: {error} (--cluster local runs the jobs on this machine)") from None
     executor.update_parameters(
         name=os.path.basename(output), timeout_min=minutes(options.time), gpus_per_node=options.gpus,
         tasks_per_node=1, cpus_per_task=options.cpus, mem_gb=options.mem_gb,
