@@ -84,7 +84,6 @@ def tiny_grid(tmp_path_factory):
         steps["dry_run_fresh"] = call_grid(TINY, "--dry-run")
 
         killed = next(cell for cell in grid.cells if cell.name == KILLED)
-        os.makedirs(killed.run_dir)
         steps["kill"] = subprocess.run([sys.executable, "-c", KILL_AFTER_EPOCH, *killed.train_args(resume=False)],
                                        capture_output=True, text=True)
         with open(os.path.join(killed.run_dir, "worklog.txt")) as f:
