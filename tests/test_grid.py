@@ -16,8 +16,11 @@ import torch
 from conftest import REPO_ROOT
 from fake_cifar import write_cifar
 from mdistiller_lakd.analysis.runs import parse_worklog
+from mdistiller_lakd.engine.cfg import ConfigError
 from mdistiller_lakd.engine.checkpoint import save_checkpoint
+from mdistiller_lakd.grid import local
 from mdistiller_lakd.grid.cells import LOG_FILE, SKIP, TRAIN_SCRIPT, cell_state, load_grid, train_command
+from mdistiller_lakd.grid.local import LocalQueue, visible_gpus
 from mdistiller_lakd.models import cifar_model_dict
 
 grid_main = runpy.run_path(os.path.join(REPO_ROOT, "tools", "grid.py"))["main"]
@@ -200,6 +203,51 @@ def test_without_submitit_slurm_names_the_extra(tmp_path, monkeypatch):
         status, _, err = call_grid(TINY, "--executor", "slurm")
     assert status == 2
     assert 'pip install -e ".[slurm]"' in err
+
+
+class InstantRun:
+    """Stands in for a cell's training: done at its second poll, its GPU noted."""
+
+    def __init__(self, cell, env=None, gpus=1):
+        self.cell, self.gpu, self.polls = cell, env["CUDA_VISIBLE_DEVICES"], 0
+
+    def poll(self):
+        self.polls += 1
+        return 0 if self.polls > 1 else None
+
+    def wait(self):
+        return 0
+
+
+def test_local_queue_runs_one_cell_per_gpu_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "CellRun", InstantRun)
+    monkeypatch.setattr(local, "POLL_SECONDS", 0)
+    with working_directory(tmp_path):
+        cells = load_grid(TINY).cells
+    out = io.StringIO()
+    assert LocalQueue(cells, ["2", "5"], out).run() == {cell.name: 0 for cell in cells}
+    events = re.findall(r"^\[grid\] (run \S+ on GPU \d|finished \S+|\d/4 done, \d running, \d left)", out.getvalue(), re.M)
+    names = [cell.name for cell in cells]
+    assert events == [
+        "0/4 done, 0 running, 4 left",
+        f"run {names[0]} on GPU 2", "0/4 done, 1 running, 3 left",
+        f"run {names[1]} on GPU 5", "0/4 done, 2 running, 2 left",
+        f"finished {names[0]}", "1/4 done, 1 running, 2 left",
+        f"finished {names[1]}", "2/4 done, 0 running, 2 left",
+        f"run {names[2]} on GPU 2", "2/4 done, 1 running, 1 left",
+        f"run {names[3]} on GPU 5", "2/4 done, 2 running, 0 left",
+        f"finished {names[2]}", "3/4 done, 1 running, 0 left",
+        f"finished {names[3]}", "4/4 done, 0 running, 0 left",
+    ]
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1,4")
+    assert visible_gpus() == ["3", "1", "4"]
+    assert visible_gpus(2) == ["3", "1"]
+    assert visible_gpus(0) == []  # the CPU
+    with pytest.raises(ConfigError, match="--gpus 4: only 3 GPU"):
+        visible_gpus(4)
 
 
 def test_slurm_options_reach_the_job_array(tmp_path, monkeypatch):
