@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from mdistiller_lakd.engine.cfg import ConfigError
-from mdistiller_lakd.grid.cells import listing, load_grid, report
+from mdistiller_lakd.grid.cells import Grid, listing, load_grid, report
 from mdistiller_lakd.grid.local import LocalQueue, visible_gpus
 
 
@@ -34,7 +34,7 @@ def slurm_args(parser: argparse.ArgumentParser) -> None:
                        help="submitit's executor: slurm, or local / debug to try the jobs on this machine")
 
 
-def run_slurm(args: argparse.Namespace, grid) -> int:
+def run_slurm(args: argparse.Namespace, grid: Grid) -> int:
     try:
         import submitit  # noqa: F401 (the slurm extra)
     except ImportError:
@@ -42,10 +42,11 @@ def run_slurm(args: argparse.Namespace, grid) -> int:
         return 2
     from mdistiller_lakd.grid.slurm import SlurmOptions, SlurmUnavailableError, submit
 
-    extra = dict(item.split("=", 1) for item in args.slurm_arg if "=" in item)
-    if len(extra) != len(args.slurm_arg):
-        print("error: --slurm-arg takes KEY=VALUE", file=sys.stderr)
+    malformed = [item for item in args.slurm_arg if "=" not in item]
+    if malformed:
+        print(f"error: --slurm-arg {malformed[0]}: give KEY=VALUE, e.g. account=myproject", file=sys.stderr)
         return 2
+    extra = dict(item.split("=", 1) for item in args.slurm_arg)
     options = SlurmOptions(
         partition=args.partition, time=args.time, gpus=1 if args.gpus is None else args.gpus, cpus=args.cpus,
         mem_gb=args.mem_gb, constraint=args.constraint, array_parallelism=args.array_parallelism,
@@ -67,7 +68,7 @@ def run_slurm(args: argparse.Namespace, grid) -> int:
     return print_report(grid)
 
 
-def print_report(grid) -> int:
+def print_report(grid: Grid) -> int:
     table, complete = report(grid.cells)
     print(table)
     return 0 if complete else 1
