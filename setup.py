@@ -15,7 +15,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "matplotlib"],
+        "test": ["pytest", "matplotlib", "submitit"],
         "viz": ["matplotlib"],
+        "slurm": ["submitit"],  # tools/grid.py --executor slurm
     },
 )
