@@ -1,5 +1,6 @@
 """The distiller registry: ``DISTILLER.TYPE`` -> class, under upstream mdistiller's names."""
 from ._base import Distiller, Vanilla
+from .ACAM_KD import ACAM_KD
 from .AT import AT
 from .CAT_KD import CAT_KD
 from .CRD import CRD
@@ -21,4 +22,5 @@ distiller_dict = {
     "DKD": DKD,
     "CAT_KD": CAT_KD,
     "LAKD": LAKD,
+    "ACAM_KD": ACAM_KD,
 }
