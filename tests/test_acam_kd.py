@@ -265,3 +265,13 @@ def test_config_carries_the_defaults_and_trains_one_step(path):
     assert cfg.ACAM_KD == load_cfg(None, ["ACAM_KD.INPUT_SIZE", cfg.ACAM_KD.INPUT_SIZE]).ACAM_KD
     losses = one_step(cfg, 64 if imagenet else 32, 1000 if imagenet else 100)
     assert set(losses) == {"loss_ce", "loss_acam", "loss_div"}
+
+
+def test_under_bf16_autocast_the_acam_branch_runs_in_float32():
+    distiller = build("resnet14", "resnet8", calibrate=True)
+    image, target = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, losses = distiller(image=image, target=target)
+    assert logits.dtype == torch.bfloat16
+    assert losses["loss_acam"].dtype == losses["loss_div"].dtype == torch.float32
+    assert all(torch.isfinite(loss) for loss in losses.values())
