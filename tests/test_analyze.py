@@ -313,3 +313,48 @@ def test_a_run_of_tools_train_is_read_by_both_tools(runs, viz, tmp_path, capsys)
     with open(os.path.join(run_dir, "worklog.txt")) as f:
         logged = [line for line in f if line.startswith("test_ek:")]
     assert logged == [f"test_ek: {ek:.2f}\n"]
+
+
+def _acam_run(runs, folder, save_distiller: bool = True):
+    """An ACAM_KD run of resnet8 under the shared teacher: student_best and, beside it, ``best``
+    with the distiller's modules (spatial units scaled up so that the masks are far from 1/2)."""
+    from mdistiller_lakd.distillers.ACAM_KD import ACAM_KD
+
+    os.makedirs(folder)
+    _write_config(str(folder / "config.yaml"), "ACAM_KD", runs["root"], runs["teacher"])
+    distiller = ACAM_KD(_model(6), _load(runs["teacher"]), load_cfg(str(folder / "config.yaml")))
+    with torch.no_grad():
+        distiller.acam[0].spatial_units.mul_(100.0)
+    save_checkpoint({"model": distiller.student.state_dict(), "arch": ARCH}, str(folder / "student_best"))
+    if save_distiller:
+        save_checkpoint({"model": distiller.state_dict()}, str(folder / "best"))
+    return distiller.eval()
+
+
+def test_maps_command_shows_acam_kd_masks_next_to_the_other_maps(runs, viz, tmp_path):
+    figures, dpi = viz
+    folder = tmp_path / "acam_kd,res8,res8"
+    distiller = _acam_run(runs, folder)
+    out = str(tmp_path / "maps.png")
+    assert analyze_main(["maps", runs["folders"][0], str(folder), "--images", "1", "2", "--out", out]) == 0
+    from PIL import Image
+
+    with Image.open(out) as png:
+        columns = 1 + 2 * 3 + 6  # input, map and CAM of teacher, KD and ACAM-KD, then its 6 masks
+        assert png.size == (int(figures.MAP_CELL * columns * dpi), int(figures.MAP_CELL * 2 * dpi))
+    with open(str(tmp_path / "maps.json")) as f:
+        models = json.load(f)["models"]
+    assert [entry["model"] for entry in models] == ["teacher", "KD", "ACAM_KD"]
+    assert "spatial_masks" not in models[1]
+    images, _ = _images(runs, [1, 2])
+    expected = distiller.masks(images)[0]["spatial"]
+    analysed = torch.tensor(models[2]["spatial_masks"][0])
+    assert analysed.shape == (2, 6, 8, 8) and torch.allclose(analysed, expected, atol=1e-5)
+    assert analysed.std() > 0.1  # the saved modules were loaded: fresh ones give masks near 1/2
+
+
+def test_maps_of_acam_kd_without_its_distiller_checkpoint_is_refused(runs, viz, tmp_path, capsys):
+    folder = tmp_path / "acam_kd,res8,res8"
+    _acam_run(runs, folder, save_distiller=False)
+    assert analyze_main(["maps", str(folder), "--images", "1", "--out", str(tmp_path / "maps.png")]) == 2
+    assert f"{folder}: no distiller checkpoint 'best' beside 'student_best'" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["method"] for r in results] == ["scratch", "lakd_eager", "kd"]
     assert [(r["time_vs_scratch"], r["memory_vs_scratch"]) for r in results] == [(1.0, 1.0), (2.0, 0.8), (1.5, 1.2)]
-    assert list(bench_tool.METHODS) == ["scratch", "kd", "fitnet", "cat_kd", "lakd_eager", "lakd_joint"]
+    assert list(bench_tool.METHODS) == ["scratch", "kd", "fitnet", "cat_kd", "acam_kd", "lakd_eager", "lakd_joint"]
 
 
 def test_saved_mode_counts_each_local_modules_saved_activations(bench_tool, capsys):

@@ -6,7 +6,8 @@ beside it (same name, ``.json``). Needs matplotlib: ``pip install -e ".[viz]"``.
   cka     linear CKA between every teacher stage output and every student stage output, one heat
           map per run, on ``--num-images`` validation images
   maps    for a few validation images: the input, then the teacher's and each run's spatial
-          activation map and class activation map of the true class
+          activation map and class activation map of the true class; for methods with masks
+          (ACAM-KD) also the run's spatial masks of its last distilled stage (all stages in the JSON)
   curves  logged training curves (default: the per-epoch average of each loss term, e.g. LAKD's
           per-location losses L_k, CE and CAT) from the runs' tensorboard events
   ek      Extracurricular Knowledge and agreement of each run's student with its teacher on the
@@ -36,7 +37,7 @@ from mdistiller_lakd.analysis.events import read_scalars
 from mdistiller_lakd.analysis.features import head_maps, stage_grams
 from mdistiller_lakd.analysis.figures import plot_cka, plot_cmi, plot_ek, plot_loss_curves, plot_maps
 from mdistiller_lakd.analysis.loading import (
-    LoadedRun, evenly_spaced, load_runs, load_student, run_config, subset_loader,
+    LoadedRun, evenly_spaced, load_masking_distiller, load_runs, load_student, run_config, subset_loader,
 )
 from mdistiller_lakd.analysis.plotting import MissingExtraError, pyplot, save_figure, save_json
 from mdistiller_lakd.analysis.runs import canonical_method
@@ -77,14 +78,19 @@ def _maps(args, device: torch.device):
     image = image.float().to(device)
     names = [canonical_method(run.cfg.DISTILLER.TYPE) for run in runs]
     names = [f"{name} #{i + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
-    models = [("teacher", teacher_label(runs), teacher)]
-    models += [(name, run.path, run.student) for name, run in zip(names, runs)]
+    models = [("teacher", teacher_label(runs), teacher, None)]
+    models += [(name, run.path, run.student, run) for name, run in zip(names, runs)]
     entries, columns = [], []
-    for name, source, model in models:
+    for name, source, model, run in models:
         maps = head_maps(model, image, target)
         entries.append({"model": name, "source": source, "prediction": maps["prediction"].tolist(),
                         "activation": maps["activation"].tolist(), "class_map": maps["class_map"].tolist()})
         columns += [(f"{name} map", maps["activation"]), (f"{name} CAM", maps["class_map"])]
+        distiller = load_masking_distiller(run, teacher, device) if run is not None else None
+        if distiller is not None:  # e.g. ACAM-KD: its spatial masks, on their absolute 0..1 scale
+            spatial = [stage["spatial"].float().cpu() for stage in distiller.masks(image)]
+            entries[-1]["spatial_masks"] = [masks.tolist() for masks in spatial]  # per stage (N, M, h, w)
+            columns += [(f"{name} mask {m + 1}", spatial[-1][:, m], (0.0, 1.0)) for m in range(spatial[-1].shape[1])]
     row_titles = [f"#{index} class {label}" for index, label in zip(indices, target.tolist())]
     data = {"image_indices": list(indices), "labels": target.tolist(), "models": entries}
     return data, plot_maps(image.cpu(), row_titles, columns)

@@ -52,6 +52,7 @@ METHODS = {
     "kd": ("kd", []),
     "fitnet": ("fitnet", []),
     "cat_kd": ("cat_kd", []),
+    "acam_kd": ("acam_kd", []),
     "lakd_eager": ("lakd", ["LAKD.BACKWARD", "eager"]),
     "lakd_joint": ("lakd", ["LAKD.BACKWARD", "joint"]),
 }

@@ -77,15 +77,18 @@ def _displayable(image: torch.Tensor) -> torch.Tensor:
     return image.permute(1, 2, 0)
 
 
-def _overlay(small_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A map upsampled to the image ``size`` (bilinear) and min-max normalised."""
+def _overlay(small_map: torch.Tensor, size: tuple[int, int], value_range: Sequence[float] = ()) -> torch.Tensor:
+    """A map upsampled to the image ``size`` (bilinear) and scaled to [0, 1]: from ``value_range``
+    (low, high) when given (masks keep their absolute level), else min-max."""
     large = F.interpolate(small_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return (large - large.min()) / (large.max() - large.min()).clamp_min(1e-12)
+    low, high = value_range or (large.min(), large.max())
+    return ((large - low) / max(float(high - low), 1e-12)).clamp(0, 1)
 
 
-def plot_maps(images: torch.Tensor, row_titles: Sequence[str], columns: Sequence[tuple[str, torch.Tensor]]):
-    """A grid: one row per image, the input first, then one column per ``(title, maps (N, h, w))``,
-    each map upsampled and laid over the image."""
+def plot_maps(images: torch.Tensor, row_titles: Sequence[str], columns: Sequence[tuple]):
+    """A grid: one row per image, the input first, then one column per ``(title, maps (N, h, w))``
+    or ``(title, maps, (low, high))``, each map upsampled, scaled (min-max, or from low..high) and
+    laid over the image."""
     plt = pyplot()
     rows, cols = len(images), 1 + len(columns)
     figure, axes = plt.subplots(rows, cols, figsize=(MAP_CELL * cols, MAP_CELL * rows), squeeze=False,
@@ -95,10 +98,10 @@ def plot_maps(images: torch.Tensor, row_titles: Sequence[str], columns: Sequence
         picture = _displayable(images[r])
         axes[r][0].imshow(picture)
         axes[r][0].set_ylabel(row_titles[r], fontsize=6)
-        for c, (_, maps) in enumerate(columns, start=1):
+        for c, (_, maps, *value_range) in enumerate(columns, start=1):
             axes[r][c].imshow(picture)
-            axes[r][c].imshow(_overlay(maps[r], size), cmap="jet", alpha=0.5)
-    for c, title in enumerate(["input", *(title for title, _ in columns)]):
+            axes[r][c].imshow(_overlay(maps[r], size, *value_range), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    for c, title in enumerate(["input", *(column[0] for column in columns)]):
         axes[0][c].set_title(title, fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])

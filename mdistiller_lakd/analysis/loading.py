@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 from yacs.config import CfgNode
 
 from ..dataset import get_dataset
+from ..distillers import distiller_dict
 from ..engine.build import load_teacher, load_trained_model
 from ..engine.cfg import load_cfg
 from ..engine.checkpoint import load_checkpoint
@@ -84,6 +85,38 @@ def load_runs(
     ]
     teacher = load_teacher(first, num_classes).to(device)
     return runs, teacher, val_loader
+
+
+def distiller_checkpoint_name(student_checkpoint: str) -> str:
+    """The distiller checkpoint the trainer writes together with a student checkpoint:
+    ``student_best`` -> ``best``, ``student_latest`` -> ``latest``, ``student_N`` -> ``epoch_N``."""
+    name = student_checkpoint.removeprefix("student_")
+    return f"epoch_{name}" if name.isdigit() else name
+
+
+def load_masking_distiller(run: LoadedRun, teacher: nn.Module, device: torch.device) -> nn.Module | None:
+    """The run's distiller, in eval mode, when its method computes masks (it has ``masks(image)``,
+    as ACAM_KD): built around the run's student and ``teacher``, its own modules (those outside the
+    student and teacher) read from the distiller checkpoint saved with the student. None for methods
+    without masks."""
+    method = distiller_dict.get(run.cfg.DISTILLER.TYPE)
+    if not callable(getattr(method, "masks", None)):
+        return None
+    path = os.path.join(run.path, distiller_checkpoint_name(run.checkpoint))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{run.path}: no distiller checkpoint '{os.path.basename(path)}' beside '{run.checkpoint}'; "
+            f"{run.cfg.DISTILLER.TYPE}'s masks come from the modules saved in it"
+        )
+    distiller = method(run.student, teacher, run.cfg)
+    saved = {key: value for key, value in load_checkpoint(path)["model"].items()
+             if not key.startswith(("student.", "teacher."))}
+    missing, unexpected = distiller.load_state_dict(saved, strict=False)
+    missing = [key for key in missing if not key.startswith(("student.", "teacher."))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a {run.cfg.DISTILLER.TYPE} checkpoint of this config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return distiller.to(device).eval()
 
 
 def evenly_spaced(total: int, count: int) -> list[int]:

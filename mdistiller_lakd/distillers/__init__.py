@@ -1,5 +1,6 @@
 """The distiller registry: ``DISTILLER.TYPE`` -> class, under upstream mdistiller's names."""
 from ._base import Distiller, ImageGrid, Vanilla
+from .ACAM_KD import ACAM_KD
 from .AT import AT
 from .CAT_KD import CAT_KD
 from .CRD import CRD
@@ -25,4 +26,5 @@ distiller_dict = {
     "LAKD": LAKD,
     "MCMI": MCMI,
     "HARD": HARD,
+    "ACAM_KD": ACAM_KD,
 }

@@ -250,6 +250,20 @@ CFG.HARD.AUG.LR = 0.001  # the augmentor's Adam
 CFG.HARD.AUG.UPDATE_EVERY = 1  # an augmentor step every N student steps
 CFG.HARD.AUG.TEACHER_REG = 1.0  # beta, weight of the teacher-consistency term
 CFG.HARD.AUG.VIS_NUM = 16  # images in the per-epoch grid
+# ACAM-KD: cross-attention fusion and adaptive spatial-channel masks (docs/ACAM_KD.md)
+CFG.ACAM_KD = CN()
+CFG.ACAM_KD.STAGES = [-1]  # indices into the student's feats; default the last stage
+CFG.ACAM_KD.TEACHER_STAGES = []  # [] = resolution-matched (deepest teacher stage of the same H x W)
+CFG.ACAM_KD.NUM_MASKS = 6  # M >= 1: spatial masks and channel masks each
+CFG.ACAM_KD.QK_RATIO = 0.5  # in (0, 1]: C_q = max(1, round(C_t * QK_RATIO))
+CFG.ACAM_KD.MASK_GRAD = "detached"  # "detached" (ours, default) | "joint" (the paper read literally)
+CFG.ACAM_KD.INPUT_SIZE = (32, 32)  # probe size for the feature shapes; ImageNet (224, 224)
+CFG.ACAM_KD.LOSS = CN()
+CFG.ACAM_KD.LOSS.CE_WEIGHT = 1.0
+CFG.ACAM_KD.LOSS.FEAT_WEIGHT = 100.0  # alpha
+CFG.ACAM_KD.LOSS.SPATIAL_WEIGHT = 1.0  # weight of L_s inside alpha (0: channel masks only)
+CFG.ACAM_KD.LOSS.CHANNEL_WEIGHT = 1.0  # weight of L_c inside alpha (0: spatial masks only)
+CFG.ACAM_KD.LOSS.DIV_WEIGHT = 1.0  # lambda
 
 
 def _key_of(error: Exception) -> str:
