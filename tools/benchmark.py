@@ -50,11 +50,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {
     "scratch": ("lakd", ["DISTILLER.TYPE", "NONE"]),
     "kd": ("kd", []),
+    "at": ("at", []),
     "fitnet": ("fitnet", []),
+    "rkd": ("rkd", []),
+    "ofd": ("ofd", []),
+    "crd": ("crd", []),
+    "dkd": ("dkd", []),
     "cat_kd": ("cat_kd", []),
     "lakd_eager": ("lakd", ["LAKD.BACKWARD", "eager"]),
     "lakd_joint": ("lakd", ["LAKD.BACKWARD", "joint"]),
 }
+CIFAR100_TRAIN_SIZE = 50000  # CRD's memory banks hold one entry per training image
 PIPELINES = ("torchvision", "tensor")
 # Freed memory goes back to the OS at once (no trimming threshold, no growing mmap threshold).
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -101,7 +107,8 @@ def build(method: str, pair: str, num_classes: int = 100):
     if cfg.DISTILLER.TYPE == "NONE":
         return Vanilla(student)
     teacher = build_model(cfg.DISTILLER.TEACHER, "cifar100", num_classes, "DISTILLER.TEACHER").eval()
-    return distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg)
+    extra = {"num_data": CIFAR100_TRAIN_SIZE} if cfg.DISTILLER.TYPE == "CRD" else {}  # as build_distiller
+    return distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg, **extra)
 
 
 def measure(

@@ -35,6 +35,17 @@ class Distiller(nn.Module):
         """Number of parameters the method adds beyond the student (connectors, embeddings)."""
         return 0
 
+    @torch.no_grad()
+    def teacher_outputs(self, image: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The frozen teacher's ``(logits, feats)`` for ``image``, without autograd.
+
+        Distillers call it before the student's forward and keep only what their loss reads: the
+        teacher's transient activations and unused outputs are then freed before the student's
+        autograd graph is built, instead of adding to its peak. The teacher is in eval mode and
+        draws no random numbers, so this order changes no loss or gradient.
+        """
+        return self.teacher(image)
+
     def forward_train(self, **kwargs):
         raise NotImplementedError
 
