@@ -305,7 +305,7 @@ def junit_outcomes(junit: ElementTree.Element) -> list[dict]:
     for case in junit.iter("testcase"):
         problem = next((case.find(tag) for tag in ("failure", "error", "skipped") if case.find(tag) is not None), None)
         outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(getattr(problem, "tag", ""), "passed")
-        message = "" if problem is None else problem.get("message", "").splitlines()[0][:100]
+        message = "" if problem is None else problem.get("message", "").split("\n")[0][:100]
         outcomes.append({"test": case.get("name"), "outcome": outcome, "message": message})
     return outcomes
 
