@@ -88,13 +88,13 @@ def distiller_of(method: str) -> nn.Module:
     return LAKD(model("resnet8"), model("resnet8"), cfg)
 
 
-def trainer_for(distiller: nn.Module, tmp_path, *opts) -> Trainer:
+def trainer_for(distiller: nn.Module, tmp_path, *opts, device: torch.device = torch.device("cpu")) -> Trainer:
     generator = torch.Generator().manual_seed(0)
     images, targets = torch.randn(4, 3, 32, 32, generator=generator), torch.arange(4) % NUM_CLASSES
     train = DataLoader(TensorDataset(images, targets, torch.arange(4)), batch_size=4)
     val = DataLoader(TensorDataset(images, targets), batch_size=4)
     cfg = load_cfg(None, ["LOG.PREFIX", str(tmp_path), *opts])
-    return Trainer("amp", distiller, train, val, cfg, torch.device("cpu"))
+    return Trainer("amp", distiller, train, val, cfg, device)
 
 
 def one_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -61,7 +61,70 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["method"] for r in results] == ["scratch", "lakd_eager", "kd"]
     assert [(r["time_vs_scratch"], r["memory_vs_scratch"]) for r in results] == [(1.0, 1.0), (2.0, 0.8), (1.5, 1.2)]
-    assert list(bench_tool.METHODS) == ["scratch", "kd", "fitnet", "cat_kd", "acam_kd", "lakd_eager", "lakd_joint"]
+    assert list(bench_tool.METHODS) == [
+        "scratch", "kd", "at", "fitnet", "rkd", "ofd", "crd", "dkd", "cat_kd", "acam_kd", "lakd_eager", "lakd_joint"
+    ]
+
+
+def test_memory_is_also_reported_against_cat_kd_when_it_is_measured(bench_tool, monkeypatch, capsys):
+    peaks = {"scratch": 100.0, "cat_kd": 125.0, "lakd_eager": 80.0}
+    monkeypatch.setattr(bench_tool, "run_in_fresh_process", lambda method, args: {
+        "method": method, "step_ms": 10.0, "images_per_s": 1.0, "peak_mib": peaks[method]})
+    assert bench_tool.main(["--methods", "cat_kd", "lakd_eager", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["method"], r["memory_vs_cat_kd"]) for r in results] == [
+        ("scratch", 0.8), ("cat_kd", 1.0), ("lakd_eager", 0.64)
+    ]
+    assert bench_tool.main(["--methods", "cat_kd", "lakd_eager"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[-1] == "0.64"
+
+
+def test_cuda_report_without_cuda_exits_with_a_message(bench_tool, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_tool.main(["--cuda-report"]) == 2
+    assert "--cuda-report needs a CUDA GPU" in capsys.readouterr().err
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
+<testcase classname="tests.test_cuda" name="test_step[KD-fp32]" time="0.1"/>
+<testcase classname="tests.test_cuda" name="test_step[KD-fp16]" time="0.1">
+<failure message="AssertionError: scale halved&#10;second line">trace</failure></testcase>
+<testcase classname="tests.test_cuda" name="test_nccl" time="0.0">
+<skipped type="pytest.skip" message="needs 2 GPUs">skip</skipped></testcase>
+</testsuite></testsuites>"""
+
+
+def test_cuda_report_prints_test_outcomes_and_the_cuda_benchmark_in_one_table(bench_tool, monkeypatch, capsys):
+    outcomes = bench_tool.junit_outcomes(bench_tool.ElementTree.fromstring(JUNIT))
+    assert outcomes == [
+        {"test": "test_step[KD-fp32]", "outcome": "passed", "message": ""},
+        {"test": "test_step[KD-fp16]", "outcome": "failed", "message": "AssertionError: scale halved"},
+        {"test": "test_nccl", "outcome": "skipped", "message": "needs 2 GPUs"},
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(bench_tool, "run_cuda_tests", lambda: outcomes)
+    devices = set()
+
+    def fake_run(method, args):
+        devices.add(args.device)
+        return {"method": method, "step_ms": 10.0, "images_per_s": 1.0, "peak_mib": 100.0 if method == "scratch" else 90.0,
+                "peak_source": "torch.cuda.max_memory_allocated"}
+
+    monkeypatch.setattr(bench_tool, "run_in_fresh_process", fake_run)
+    assert bench_tool.main(["--cuda-report", "--steps", "3"]) == 1  # a test failed
+    lines = capsys.readouterr().out.splitlines()
+    assert devices == {"cuda"}
+    assert lines[0].startswith("CUDA check on 1 x Fake GPU: tests/test_cuda.py, then res56_res20 at batch 128")
+    assert [line.split()[:3] for line in lines[2:5]] == [
+        ["test", "test_step[KD-fp32]", "passed"], ["test", "test_step[KD-fp16]", "failed:"],
+        ["test", "test_nccl", "skipped:"],
+    ]
+    benchmarked = [line.split()[1] for line in lines[5:]]
+    assert benchmarked == list(bench_tool.METHODS)
+    eager = next(line for line in lines if line.startswith("benchmark lakd_eager"))
+    assert "peak 90.0 MiB, 0.90x scratch, 1.00x cat_kd memory" in eager
 
 
 def test_saved_mode_counts_each_local_modules_saved_activations(bench_tool, capsys):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import REPO_ROOT
 from fake_cifar import write_cifar
 from mdistiller_lakd.dataset import TensorCifarLoader
-from mdistiller_lakd.distillers import LAKD, Vanilla
+from mdistiller_lakd.distillers import Vanilla, distiller_dict
 from mdistiller_lakd.engine import distributed
 from mdistiller_lakd.engine.cfg import ConfigError, load_cfg
 from mdistiller_lakd.engine.checkpoint import load_checkpoint
@@ -35,6 +35,8 @@ SCENARIOS = {
     "lakd_eager": ("LAKD", ["LAKD.BACKWARD", "eager"]),
     "lakd_joint": ("LAKD", ["LAKD.BACKWARD", "joint"]),
 }
+# Also trained across ranks by tests/test_cuda.py (NCCL): a baseline, which DDP wraps.
+CUDA_SCENARIOS = {"kd": ("KD", []), "lakd_eager": SCENARIOS["lakd_eager"]}
 
 
 def free_port() -> int:
@@ -44,7 +46,7 @@ def free_port() -> int:
 
 
 def scenario_cfg(name: str, prefix: str):
-    method, opts = SCENARIOS[name]
+    method, opts = {**SCENARIOS, **CUDA_SCENARIOS}[name]
     return load_cfg(None, ["DISTILLER.TYPE", method, "DISTILLER.STUDENT", "resnet20", "LOG.PREFIX", prefix,
                            "SOLVER.BATCH_SIZE", RANKS * PER_RANK, *opts])
 
@@ -54,10 +56,11 @@ def build(name: str, seed: int) -> nn.Module:
     trainer must start them all from the main rank's weights)."""
     torch.manual_seed(seed)
     student = cifar_model_dict["resnet20"][0](num_classes=NUM_CLASSES)
-    if SCENARIOS[name][0] == "NONE":
+    cfg = scenario_cfg(name, "")
+    if cfg.DISTILLER.TYPE == "NONE":
         return Vanilla(student)
     teacher = cifar_model_dict["resnet8"][0](num_classes=NUM_CLASSES)
-    return LAKD(student, teacher, scenario_cfg(name, "")).train()  # as Trainer.train_pass sets it
+    return distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg).train()  # as Trainer.train_pass sets it
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,32 +75,54 @@ def rank_batch(step: int, rank: int) -> tuple[torch.Tensor, ...]:
     return image[share], target[share], torch.arange(PER_RANK)
 
 
-def make_trainer(name: str, distiller: nn.Module, prefix: str) -> Trainer:
+def make_trainer(name: str, distiller: nn.Module, prefix: str, device: torch.device = torch.device("cpu")) -> Trainer:
     images, targets = global_batch(0)
     data = DataLoader(TensorDataset(images, targets, torch.arange(len(targets))), batch_size=RANKS * PER_RANK)
-    return Trainer(name, distiller, data, data, scenario_cfg(name, prefix), torch.device("cpu"))
+    return Trainer(name, distiller, data, data, scenario_cfg(name, prefix), device)
 
 
 def learnable_grads(distiller: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in distiller.get_learnable_parameters()]
 
 
+def train_on_this_rank(out_dir: str, names: list[str], device: torch.device) -> None:
+    """In a process group of RANKS processes: each scenario trained STEPS steps on this rank's
+    share of the batches; its first gradients and final state written to ``<name>_<rank>.pt``."""
+    rank = dist.get_rank()
+    for name in names:
+        distiller = build(name, seed=rank)
+        trainer = make_trainer(name, distiller, os.path.join(out_dir, "logs"), device)
+        result = {"wrapped_in_ddp": trainer.model is not distiller}
+        for step in range(STEPS):
+            trainer.train_step(rank_batch(step, rank), epoch=1, iteration=step)
+            if step == 0:
+                result["grads"] = learnable_grads(distiller)
+        result["state"] = distiller.state_dict()
+        torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+
+
 def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS)
     try:
-        for name in names:
-            distiller = build(name, seed=rank)
-            trainer = make_trainer(name, distiller, os.path.join(out_dir, "logs"))
-            result = {"wrapped_in_ddp": trainer.model is not distiller}
-            for step in range(STEPS):
-                trainer.train_step(rank_batch(step, rank), epoch=1, iteration=step)
-                if step == 0:
-                    result["grads"] = learnable_grads(distiller)
-            result["state"] = distiller.state_dict()
-            torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+        train_on_this_rank(out_dir, names, torch.device("cpu"))
     finally:
         dist.destroy_process_group()
+
+
+def load_rank_results(out_dir: str, names: list[str]) -> dict[str, list[dict]]:
+    """{name: [rank 0's result, rank 1's]}, on the CPU."""
+    return {name: [torch.load(os.path.join(out_dir, f"{name}_{r}.pt"), map_location="cpu") for r in range(RANKS)]
+            for name in names}
+
+
+def assert_ranks_hold_the_same_weights(name: str, ranks: list[dict]) -> None:
+    """Both ranks hold the same weights (and, except for DDP which broadcasts them at the next
+    forward, the same BatchNorm statistics)."""
+    state_0, state_1 = ranks[0]["state"], ranks[1]["state"]
+    learnable = {key for key, value in state_0.items() if value.is_floating_point() and "running" not in key}
+    compared = state_0 if name == "lakd_eager" else learnable
+    assert [key for key in compared if not torch.equal(state_0[key], state_1[key])] == []
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +130,7 @@ def two_rank_results(tmp_path_factory):
     """Every scenario trained for STEPS steps by two gloo ranks: {name: [rank 0's, rank 1's]}."""
     out_dir = str(tmp_path_factory.mktemp("ranks"))
     mp.spawn(_worker, args=(free_port(), out_dir, list(SCENARIOS)), nprocs=RANKS, join=True)
-    return {name: [torch.load(os.path.join(out_dir, f"{name}_{r}.pt")) for r in range(RANKS)] for name in SCENARIOS}
+    return load_rank_results(out_dir, list(SCENARIOS))
 
 
 def single_process_grads(name: str, tmp_path, rank: int) -> list[torch.Tensor]:
@@ -128,12 +153,7 @@ def test_ranks_average_gradients_once_and_stay_identical(two_rank_results, name,
         assert len(result["grads"]) == len(expected)
         for got, want in zip(result["grads"], expected):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
-    # After STEPS steps both ranks hold the same weights (and, except for DDP which broadcasts
-    # them at the next forward, the same BatchNorm statistics).
-    state_0, state_1 = ranks[0]["state"], ranks[1]["state"]
-    learnable = {key for key, value in state_0.items() if value.is_floating_point() and "running" not in key}
-    compared = state_0 if name == "lakd_eager" else learnable
-    assert [key for key in compared if not torch.equal(state_0[key], state_1[key])] == []
+    assert_ranks_hold_the_same_weights(name, ranks)  # after STEPS steps
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--amp bf16] [--channels-last] [--json]
     python tools/benchmark.py --data [--batch-size 64] [--data-root ./data] [--json]
     python tools/benchmark.py --saved [--pair res56_res20] [--batch-size 128] [--json]
+    python tools/benchmark.py --cuda-report [--pair res56_res20] [--batch-size 128] [--steps 5]
 
 Methods (the paper's Table 4 compares GPU memory): each runs in a fresh process, on random data with
 randomly initialised models (cost does not depend on the weights), through the trainer's own step
@@ -11,7 +12,7 @@ steps after the warm-up ones, images per second at that median, and the peak mem
 process held before its first step (CUDA: the allocator's peak; CPU: the peak resident set, VmHWM
 reset through /proc/self/clear_refs, with glibc told to hand freed memory back at once so that
 resident memory follows the tensors alive); each also as a ratio to training the student from
-scratch.
+scratch, and to CAT-KD when it is measured.
 
 --data: images per second that DATASET.PIPELINE "torchvision" (DataLoader, per-image PIL,
 DATASET.NUM_WORKERS workers) and "tensor" (batched on the device) deliver onto the training device,
@@ -23,6 +24,11 @@ local modules at the pair's LAKD.LOCATIONS (stem with the first, head with the l
 whole network, counted with torch.autograd.graph.saved_tensors_hooks (each storage once per module;
 parameters and buffers left out). Eager LAKD holds one module's graph at a time, so the largest
 module's share is the floor of its peak memory relative to training from scratch.
+
+--cuda-report: the whole GPU check in one command: tests/test_cuda.py (every distiller's training
+step on CUDA in fp32, bf16, fp16 and channels_last; the tensor pipeline on the device; this
+benchmark on CUDA; NCCL ranks with two or more GPUs), then every method side by side on CUDA, as
+one table. Exits 2 where CUDA is not available, 1 when a test failed.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +57,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {
     "scratch": ("lakd", ["DISTILLER.TYPE", "NONE"]),
     "kd": ("kd", []),
+    "at": ("at", []),
     "fitnet": ("fitnet", []),
+    "rkd": ("rkd", []),
+    "ofd": ("ofd", []),
+    "crd": ("crd", []),
+    "dkd": ("dkd", []),
     "cat_kd": ("cat_kd", []),
     "acam_kd": ("acam_kd", []),
     "lakd_eager": ("lakd", ["LAKD.BACKWARD", "eager"]),
     "lakd_joint": ("lakd", ["LAKD.BACKWARD", "joint"]),
 }
+CIFAR100_TRAIN_SIZE = 50000  # CRD's memory banks hold one entry per training image
 PIPELINES = ("torchvision", "tensor")
 # Freed memory goes back to the OS at once (no trimming threshold, no growing mmap threshold).
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -88,6 +101,11 @@ class PeakMemory:
                 clear_refs.write("5")  # resets the peak resident set (VmHWM) to the current one
             self.base = _status_kib("VmRSS") * 1024
 
+    @property
+    def source(self) -> str:
+        """What the peak is read from."""
+        return "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "VmHWM"
+
     def peak(self) -> int:
         synchronize(self.device)
         if self.device.type == "cuda":
@@ -102,7 +120,8 @@ def build(method: str, pair: str, num_classes: int = 100):
     if cfg.DISTILLER.TYPE == "NONE":
         return Vanilla(student)
     teacher = build_model(cfg.DISTILLER.TEACHER, "cifar100", num_classes, "DISTILLER.TEACHER").eval()
-    return distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg)
+    extra = {"num_data": CIFAR100_TRAIN_SIZE} if cfg.DISTILLER.TYPE == "CRD" else {}  # as build_distiller
+    return distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg, **extra)
 
 
 def measure(
@@ -136,7 +155,8 @@ def measure(
         times.append(time.perf_counter() - start)
     peak = memory.peak()
     step = statistics.median(times[warmup:])
-    return {"method": method, "step_ms": 1000 * step, "images_per_s": batch_size / step, "peak_mib": peak / 2**20}
+    return {"method": method, "step_ms": 1000 * step, "images_per_s": batch_size / step, "peak_mib": peak / 2**20,
+            "peak_source": memory.source}
 
 
 def run_in_fresh_process(method: str, args: argparse.Namespace) -> dict:
@@ -153,9 +173,12 @@ def compare_methods(args: argparse.Namespace) -> dict:
     methods = ["scratch"] + [m for m in args.methods if m != "scratch"]
     results = [run_in_fresh_process(method, args) for method in methods]
     scratch = results[0]
+    cat_kd = next((result for result in results if result["method"] == "cat_kd"), None)
     for result in results:
         result["time_vs_scratch"] = result["step_ms"] / scratch["step_ms"]
         result["memory_vs_scratch"] = result["peak_mib"] / scratch["peak_mib"]
+        if cat_kd is not None:  # LAKD's paper compares its memory with CAT-KD's
+            result["memory_vs_cat_kd"] = result["peak_mib"] / cat_kd["peak_mib"]
     return {"pair": args.pair, "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
             "channels_last": args.channels_last, "results": results}
 
@@ -165,10 +188,15 @@ def print_methods(report: dict, steps: int) -> None:
     layout = ", channels_last" if report["channels_last"] else ""
     print(f"{report['pair']}, batch {report['batch_size']}, {report['device']}{amp}{layout}: median of {steps} "
           "steps, peak memory above the first step's start")
-    print(f"{'method':<12} {'step ms':>9} {'images/s':>9} {'peak MiB':>9} {'time/scratch':>13} {'memory/scratch':>15}")
+    print(f"{'method':<12} {'step ms':>9} {'images/s':>9} {'peak MiB':>9} {'time/scratch':>13} {'memory/scratch':>15}"
+          f" {'memory/cat_kd':>14}")
     for r in report["results"]:
         print(f"{r['method']:<12} {r['step_ms']:9.1f} {r['images_per_s']:9.0f} {r['peak_mib']:9.1f} "
-              f"{r['time_vs_scratch']:13.2f} {r['memory_vs_scratch']:15.2f}")
+              f"{r['time_vs_scratch']:13.2f} {r['memory_vs_scratch']:15.2f} {_ratio(r.get('memory_vs_cat_kd')):>14}")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def pipeline_speed(pipeline: str, root: str, batch_size: int, num_workers: int, batches: int,
@@ -260,6 +288,50 @@ def print_saved(report: dict) -> None:
     print(f"floor of LAKD eager's peak memory / from-scratch: {report['floor']:.2f} (the largest module's share)")
 
 
+def run_cuda_tests() -> list[dict]:
+    """Outcome of each test of tests/test_cuda.py, run by pytest in a subprocess."""
+    with tempfile.TemporaryDirectory() as temp:
+        junit = os.path.join(temp, "cuda.xml")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                   os.path.join(REPO_ROOT, "tests", "test_cuda.py")]
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        if not os.path.isfile(junit):
+            raise RuntimeError(f"pytest did not run tests/test_cuda.py:\n{(result.stdout + result.stderr)[-3000:]}")
+        return junit_outcomes(ElementTree.parse(junit).getroot())
+
+
+def junit_outcomes(junit: ElementTree.Element) -> list[dict]:
+    """``[{"test", "outcome", "message"}]`` of a pytest JUnit XML report."""
+    outcomes = []
+    for case in junit.iter("testcase"):
+        problem = next((case.find(tag) for tag in ("failure", "error", "skipped") if case.find(tag) is not None), None)
+        outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(getattr(problem, "tag", ""), "passed")
+        message = "" if problem is None else problem.get("message", "").split("\n")[0][:100]
+        outcomes.append({"test": case.get("name"), "outcome": outcome, "message": message})
+    return outcomes
+
+
+def cuda_report(args: argparse.Namespace) -> dict:
+    """tests/test_cuda.py's outcomes and every method measured on CUDA."""
+    args.device, args.methods = "cuda", list(METHODS)
+    return {"device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
+            "tests": run_cuda_tests(), "benchmark": compare_methods(args)}
+
+
+def print_cuda_report(report: dict, steps: int) -> None:
+    benchmark = report["benchmark"]
+    print(f"CUDA check on {report['gpus']} x {report['device']}: tests/test_cuda.py, then {benchmark['pair']} at batch "
+          f"{benchmark['batch_size']} (median of {steps} steps; peak: torch.cuda.max_memory_allocated)")
+    rows = [(f"test {t['test']}", t["outcome"] + (f": {t['message']}" if t["message"] else "")) for t in report["tests"]]
+    rows += [(f"benchmark {r['method']}", f"{r['step_ms']:.1f} ms/step, peak {r['peak_mib']:.1f} MiB, "
+              f"{r['memory_vs_scratch']:.2f}x scratch, {_ratio(r.get('memory_vs_cat_kd'))}x cat_kd memory, "
+              f"{r['time_vs_scratch']:.2f}x scratch time") for r in benchmark["results"]]
+    width = max(len(check) for check, _ in rows)
+    print(f"{'check':<{width}}  result")
+    for check, result in rows:
+        print(f"{check:<{width}}  {result}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("training-step cost of distillation methods; data pipeline speed")
     parser.add_argument("--pair", default="res56_res20", help="a pair of configs/cifar100/<method>/")
@@ -275,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="./data", help="--data: DATASET.ROOT holding CIFAR-100")
     parser.add_argument("--data-batches", type=int, default=150, help="--data: timed batches per pipeline")
     parser.add_argument("--workers", type=int, default=2, help="--data: DATASET.NUM_WORKERS of torchvision")
+    parser.add_argument("--cuda-report", action="store_true",
+                        help="the GPU check: tests/test_cuda.py and every method on CUDA, as one table")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -284,6 +358,17 @@ def main(argv: list[str] | None = None) -> int:
                          args.amp, args.channels_last)
         print(json.dumps(result))
         return 0
+    if args.cuda_report:
+        if not torch.cuda.is_available():
+            print("benchmark.py --cuda-report needs a CUDA GPU, and torch.cuda.is_available() is False on this "
+                  "machine: run it where a GPU is visible", file=sys.stderr)
+            return 2
+        report = cuda_report(args)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_cuda_report(report, args.steps)
+        return int(any(t["outcome"] in ("failed", "error") for t in report["tests"]))
     if args.saved:
         report = saved_per_module(args.pair, args.batch_size, torch.device(args.device))
     else:

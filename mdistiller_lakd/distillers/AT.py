@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
-from ._common import student_and_teacher
 
 
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
@@ -42,10 +41,9 @@ class AT(Distiller):
         self.feat_loss_weight = cfg.AT.LOSS.FEAT_WEIGHT
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
-        logits_student, feature_student, _, feature_teacher = student_and_teacher(
-            self.student, self.teacher, image
-        )
-        loss_feat = at_loss(feature_student["feats"][1:], feature_teacher["feats"][1:], self.p)
+        feats_teacher = self.teacher_outputs(image)[1]["feats"][1:]
+        logits_student, feature_student = self.student(image)
+        loss_feat = at_loss(feature_student["feats"][1:], feats_teacher, self.p)
         losses_dict = {
             "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
             "loss_kd": self.feat_loss_weight * loss_feat,

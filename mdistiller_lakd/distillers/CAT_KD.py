@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from ..lakd.cam import HeadMapHook, cat_loss, class_activation_maps, classifier_weight, pooled_class_maps
 from ._base import Distiller
-from ._common import student_and_teacher
 
 
 class CAT_KD(Distiller):
@@ -47,11 +46,12 @@ class CAT_KD(Distiller):
         return class_activation_maps(head.take(), classifier_weight(model))
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
-        logits_student, _, _, _ = student_and_teacher(self.student, self.teacher, image)
-        cam_student = self.class_maps(self.student, self.student_head)
+        self.teacher_outputs(image)  # only the map its head hook records is used
         with torch.no_grad():
             # IF_BINARIZE thresholds the teacher's full maps, so they are pooled after it.
             cam_teacher = self.class_maps(self.teacher, self.teacher_head, pooled=not self.binarize)
+        logits_student, _ = self.student(image)
+        cam_student = self.class_maps(self.student, self.student_head)
         loss_cat = self.cat_loss_weight * cat_loss(
             cam_student, cam_teacher, self.cam_resolution, self.normalize, self.binarize
         )

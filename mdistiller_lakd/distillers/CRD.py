@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
-from ._common import count_parameters, student_and_teacher
+from ._common import count_parameters
 
 
 class Embed(nn.Module):
@@ -129,12 +129,9 @@ class CRD(Distiller):
         contrastive_index: torch.Tensor | None = None,
         **kwargs,
     ):
-        logits_student, feature_student, _, feature_teacher = student_and_teacher(
-            self.student, self.teacher, image
-        )
-        loss_crd = self.crd_loss(
-            feature_student["pooled_feat"], feature_teacher["pooled_feat"], index, contrastive_index
-        )
+        pooled_teacher = self.teacher_outputs(image)[1]["pooled_feat"]
+        logits_student, feature_student = self.student(image)
+        loss_crd = self.crd_loss(feature_student["pooled_feat"], pooled_teacher, index, contrastive_index)
         losses_dict = {
             "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
             "loss_kd": self.feat_loss_weight * loss_crd,

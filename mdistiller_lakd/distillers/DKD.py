@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
-from ._common import student_and_teacher
 
 
 def _target_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,8 @@ class DKD(Distiller):
         self.warmup = cfg.DKD.WARMUP
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, epoch: int, **kwargs):
-        logits_student, _, logits_teacher, _ = student_and_teacher(self.student, self.teacher, image)
+        logits_teacher = self.teacher_outputs(image)[0]
+        logits_student, _ = self.student(image)
         loss_dkd = dkd_loss(
             logits_student, logits_teacher, target, self.alpha, self.beta, self.temperature
         )

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
-from ._common import ConvReg, count_parameters, get_feat_shapes, student_and_teacher
+from ._common import ConvReg, count_parameters, get_feat_shapes
 
 
 class FitNet(Distiller):
@@ -37,11 +37,10 @@ class FitNet(Distiller):
         return count_parameters(self.conv_reg)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
-        logits_student, feature_student, _, feature_teacher = student_and_teacher(
-            self.student, self.teacher, image
-        )
+        hint_teacher = self.teacher_outputs(image)[1]["feats"][self.hint_layer]
+        logits_student, feature_student = self.student(image)
         hint_student = self.conv_reg(feature_student["feats"][self.hint_layer])
-        loss_feat = F.mse_loss(hint_student, feature_teacher["feats"][self.hint_layer])
+        loss_feat = F.mse_loss(hint_student, hint_teacher)
         losses_dict = {
             "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
             "loss_kd": self.feat_loss_weight * loss_feat,

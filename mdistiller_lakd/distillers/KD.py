@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
-from ._common import student_and_teacher
 
 
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -28,7 +27,8 @@ class KD(Distiller):
         self.kd_loss_weight = cfg.KD.LOSS.KD_WEIGHT
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
-        logits_student, _, logits_teacher, _ = student_and_teacher(self.student, self.teacher, image)
+        logits_teacher = self.teacher_outputs(image)[0]
+        logits_student, _ = self.student(image)
         losses_dict = {
             "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
             "loss_kd": self.kd_loss_weight * kd_loss(logits_student, logits_teacher, self.temperature),

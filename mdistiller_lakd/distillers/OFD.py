@@ -103,10 +103,11 @@ class OFD(Distiller):
         return loss
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
+        with batch_statistics(self.teacher):
+            # the distilled stages only (matched from the deepest backwards)
+            preact_teacher = self.teacher_outputs(image)[1]["preact_feats"][-self.num_stages:]
         logits_student, feature_student = self.student(image)
-        with torch.no_grad(), batch_statistics(self.teacher):
-            _, feature_teacher = self.teacher(image)
-        loss_feat = self.ofd_loss(feature_student["preact_feats"][1:], feature_teacher["preact_feats"][1:])
+        loss_feat = self.ofd_loss(feature_student["preact_feats"][1:], preact_teacher)
         losses_dict = {
             "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
             "loss_kd": self.feat_loss_weight * loss_feat,

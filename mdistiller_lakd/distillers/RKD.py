@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
-from ._common import student_and_teacher
 
 
 def pairwise_distances(e: torch.Tensor, squared: bool, eps: float) -> torch.Tensor:
@@ -65,12 +64,11 @@ class RKD(Distiller):
         self.squared = cfg.RKD.PDIST.SQUARED
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
-        logits_student, feature_student, _, feature_teacher = student_and_teacher(
-            self.student, self.teacher, image
-        )
+        pooled_teacher = self.teacher_outputs(image)[1]["pooled_feat"]
+        logits_student, feature_student = self.student(image)
         loss_rkd = rkd_loss(
             feature_student["pooled_feat"],
-            feature_teacher["pooled_feat"],
+            pooled_teacher,
             self.squared,
             self.eps,
             self.distance_weight,

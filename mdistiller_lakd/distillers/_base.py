@@ -83,6 +83,17 @@ class Distiller(nn.Module):
         global RNG state restored afterwards."""
         return []
 
+    @torch.no_grad()
+    def teacher_outputs(self, image: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The frozen teacher's ``(logits, feats)`` for ``image``, without autograd.
+
+        Distillers call it before the student's forward and keep only what their loss reads: the
+        teacher's transient activations and unused outputs are then freed before the student's
+        autograd graph is built, instead of adding to its peak. The teacher is in eval mode and
+        draws no random numbers, so this order changes no loss or gradient.
+        """
+        return self.teacher(image)
+
     def forward_train(self, **kwargs):
         raise NotImplementedError
 

@@ -1,4 +1,4 @@
-"""Helpers the baseline distillers share: the two forwards, connectors, feature shapes."""
+"""Helpers the baseline distillers share: connectors, feature shapes, parameter counts."""
 from __future__ import annotations
 
 import contextlib
@@ -6,16 +6,6 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-
-
-def student_and_teacher(
-    student: nn.Module, teacher: nn.Module, image: torch.Tensor
-) -> tuple[torch.Tensor, dict, torch.Tensor, dict]:
-    """``(logits_s, feats_s, logits_t, feats_t)``; the teacher runs without autograd."""
-    logits_student, feature_student = student(image)
-    with torch.no_grad():
-        logits_teacher, feature_teacher = teacher(image)
-    return logits_student, feature_student, logits_teacher, feature_teacher
 
 
 def count_parameters(*modules: nn.Module) -> int:
