@@ -15,7 +15,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "matplotlib"],
+        # onnx: tools/export.py --format onnx (onnx + onnxscript: torch's exporter; onnxruntime: the check)
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
         "viz": ["matplotlib"],
     },
 )
