@@ -1,5 +1,5 @@
 """Evaluate a saved model on the validation set:
-``python tools/eval.py -m resnet20 -c output/.../student_best [-d cifar100] [--root ./data] [-bs 64]``.
+``python tools/eval.py -m resnet20 -c output/.../student_best [-d cifar100] [--root ./data] [-bs 64] [--no-ndam]``.
 
 ``-c pretrain`` (the default) reads upstream's released teacher of that model (CIFAR-100) or the
 pretrained ImageNet weights.
