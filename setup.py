@@ -15,7 +15,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "matplotlib", "submitit"],
+        # onnx: tools/export.py --format onnx (onnx + onnxscript: torch's exporter; onnxruntime: the check)
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "matplotlib", "onnx", "onnxscript", "onnxruntime", "submitit"],
         "viz": ["matplotlib"],
         "slurm": ["submitit"],  # tools/grid.py --executor slurm
     },

@@ -23,8 +23,11 @@ TEACHER = "wrn_16_2"  # small, and other widths than resnet20: the connectors ar
 LOSS_KEYS = ["loss_local_1", "loss_local_2", "loss_ce", "loss_cat"]
 
 
-def train(folder: str, resume: bool = False, patch: str = "") -> tuple[subprocess.CompletedProcess, str]:
-    """tools/train.py on the shipped config, shrunk by overrides; returns the result and run folder."""
+def train(
+    folder: str, resume: bool = False, patch: str = "", config: str = CONFIG
+) -> tuple[subprocess.CompletedProcess, str]:
+    """tools/train.py on a shipped config (LAKD's by default), shrunk by overrides; returns the
+    result and run folder."""
     overrides = [
         "DISTILLER.TEACHER", TEACHER, "DISTILLER.TEACHER_CKPT", os.path.join(folder, "teacher.pth"),
         "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.BATCH_SIZE", "16", "DATASET.TEST.BATCH_SIZE", "16",
@@ -32,7 +35,7 @@ def train(folder: str, resume: bool = False, patch: str = "") -> tuple[subproces
         "DATASET.ROOT", os.path.join(folder, "data"), "DATASET.DOWNLOAD", "False", "DATASET.NUM_WORKERS", "0",
         "LOG.PREFIX", os.path.join(folder, "out"),
     ]
-    args = ["--cfg", CONFIG] + (["--resume"] if resume else []) + overrides
+    args = ["--cfg", config] + (["--resume"] if resume else []) + overrides
     launcher = ["tools/train.py"]
     if patch:
         launcher = ["-c", patch + "\nimport runpy\nrunpy.run_path('tools/train.py', run_name='__main__')"]

@@ -1,5 +1,5 @@
 """Evaluate a saved model on the validation set:
-``python tools/eval.py -m resnet20 -c output/.../student_best [-d cifar100] [--root ./data] [-bs 64]``.
+``python tools/eval.py -m resnet20 -c output/.../student_best [-d cifar100] [--root ./data] [-bs 64] [--no-ndam]``.
 
 ``-c pretrain`` (the default) reads upstream's released teacher of that model (CIFAR-100) or the
 pretrained ImageNet weights.
@@ -19,14 +19,15 @@ from mdistiller_lakd.engine.utils import log_msg, validate
 from mdistiller_lakd.models import cifar_model_dict
 
 
-def load_model(name: str, ckpt: str, dataset: str, num_classes: int) -> torch.nn.Module:
-    """Model ``name`` with the weights of ``ckpt``, LAKD's NDAM re-attached when the checkpoint has it."""
+def load_model(name: str, ckpt: str, dataset: str, num_classes: int, with_ndam: bool = True) -> torch.nn.Module:
+    """Model ``name`` with the weights of ``ckpt``, LAKD's NDAM re-attached when the checkpoint has
+    it (and ``with_ndam``)."""
     if dataset == "imagenet" and ckpt == "pretrain":
         return build_model(name, dataset, num_classes, "--model", pretrained=True)
     path = cifar_model_dict[name][1] if ckpt == "pretrain" else ckpt
     if path is None:
         raise FileNotFoundError(f"--ckpt: upstream releases no checkpoint for '{name}'; give the file with -c")
-    return load_trained_model(path, name, dataset, num_classes, "--model")
+    return load_trained_model(path, name, dataset, num_classes, "--model", with_ndam)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=str, default="./data", help="DATASET.ROOT: where the dataset lives")
     parser.add_argument("-bs", "--batch-size", type=int, default=64)
     parser.add_argument("-j", "--num-workers", type=int, default=2, help="DATASET.NUM_WORKERS")
+    parser.add_argument("--no-ndam", action="store_true",
+                        help="a LAKD student's weights without its NDAM: what a plain model of them scores")
     args = parser.parse_args(argv)
 
     try:
         cfg = load_cfg(None, ["DATASET.TYPE", args.dataset, "DATASET.ROOT", args.root,
                               "DATASET.TEST.BATCH_SIZE", args.batch_size, "DATASET.NUM_WORKERS", args.num_workers])
         _, val_loader, _, num_classes = get_dataset(cfg)
-        model = load_model(args.model, args.ckpt, args.dataset, num_classes)
+        model = load_model(args.model, args.ckpt, args.dataset, num_classes, with_ndam=not args.no_ndam)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -30,14 +30,17 @@ def build_model(name: str, dataset: str, num_classes: int, key: str, pretrained:
     return zoo[name][0](num_classes=num_classes)
 
 
-def load_trained_model(path: str, name: str, dataset: str, num_classes: int, key: str) -> nn.Module:
+def load_trained_model(
+    path: str, name: str, dataset: str, num_classes: int, key: str, with_ndam: bool = True
+) -> nn.Module:
     """Model ``name`` with the weights of the checkpoint at ``path`` (ours or upstream's), with
     LAKD's NDAM re-attached when the checkpoint carries an ``"ndam"`` entry: NDAM is part of the
-    trained student's forward, so the student is evaluated and analysed as it was trained."""
+    trained student's forward, so the student is evaluated and analysed as it was trained.
+    ``with_ndam=False`` gives the weights alone in the plain model, which is another network."""
     model = build_model(name, dataset, num_classes, key)
     checkpoint = load_checkpoint(path)
     load_weights(model, checkpoint, path, name)
-    if "ndam" in checkpoint:
+    if with_ndam and "ndam" in checkpoint:
         from ..lakd.ndam import attach_ndam
 
         attach_ndam(model, **checkpoint["ndam"])
