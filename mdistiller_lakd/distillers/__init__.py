@@ -7,8 +7,11 @@ from .DKD import DKD
 from .FitNet import FitNet
 from .KD import KD
 from .LAKD import LAKD
+from .NKD import NKD
 from .OFD import OFD
+from .PSKD import PSKD
 from .RKD import RKD
+from .USKD import USKD
 
 distiller_dict = {
     "NONE": Vanilla,
@@ -21,4 +24,7 @@ distiller_dict = {
     "DKD": DKD,
     "CAT_KD": CAT_KD,
     "LAKD": LAKD,
+    "NKD": NKD,
+    "USKD": USKD,
+    "PSKD": PSKD,
 }

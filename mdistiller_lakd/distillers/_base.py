@@ -13,6 +13,14 @@ class Distiller(nn.Module):
     the student's logits in eval mode; the trainer sums ``losses_dict`` and back-propagates it.
     """
 
+    # Whether the method distils a trained teacher: ``build_distiller`` loads one only when True
+    # and otherwise passes ``teacher=None`` (self-distillation, the student alone).
+    requires_teacher: bool = True
+    # Names (in the distiller's state_dict) of buffers the method itself keeps equal on every rank
+    # under torchrun: DDP must not re-broadcast them from rank 0 at each forward, nor
+    # ``Trainer.evaluate`` before validating.
+    rank_synced_buffers: tuple[str, ...] = ()
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
         self.student = student
@@ -48,9 +56,13 @@ class Distiller(nn.Module):
 
 
 class Vanilla(Distiller):
-    """The student alone, trained with cross-entropy (``DISTILLER.TYPE: NONE``)."""
+    """The student alone, trained with cross-entropy (``DISTILLER.TYPE: NONE``).
 
-    def __init__(self, student: nn.Module):
+    ``teacher`` and ``cfg`` are accepted, and ignored, so that every method builds alike."""
+
+    requires_teacher = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
         super().__init__(student, teacher=None)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):

@@ -1,6 +1,7 @@
 """Models and distiller of a run, built from its config; the teacher loaded from its checkpoint."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch.nn as nn
@@ -85,17 +86,20 @@ def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
 
 
 def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
-    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student (and the loaded teacher); CRD's
-    memory banks also take the training-set size ``num_data``, as upstream."""
+    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student and, when the method
+    ``requires_teacher``, the loaded teacher (else ``teacher=None``, no checkpoint needed). The
+    dataset's ``num_data`` (training-set size) and ``num_classes`` go to the methods whose
+    constructor takes them (CRD's memory banks, PS-KD's prediction buffer), as upstream's CRD."""
     method = cfg.DISTILLER.TYPE
     if method not in distiller_dict:
         raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
+    distiller_class = distiller_dict[method]
     student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
-    if method == "NONE":
-        return distiller_dict[method](student)
-    teacher = load_teacher(cfg, num_classes)
-    extra = {"num_data": num_data} if method == "CRD" else {}
+    teacher = load_teacher(cfg, num_classes) if distiller_class.requires_teacher else None
+    accepted = inspect.signature(distiller_class).parameters
+    dataset_sizes = {"num_data": num_data, "num_classes": num_classes}
+    extra = {name: value for name, value in dataset_sizes.items() if name in accepted}
     try:
-        return distiller_dict[method](student, teacher, cfg, **extra)
+        return distiller_class(student, teacher, cfg, **extra)
     except ValueError as error:  # distillers stay free of our config types, to go upstream as-is
         raise ConfigError(f"{method}: {error}") from None

@@ -182,8 +182,13 @@ def broadcast_from_main(tensors: Sequence[torch.Tensor]) -> None:
 
 def student_side_buffers(distiller: nn.Module) -> list[torch.Tensor]:
     """The buffers training changes (BatchNorm statistics of the student and the connectors); the
-    frozen teacher's are left out."""
-    return [buffer for name, buffer in distiller.named_buffers() if not name.startswith("teacher.")]
+    frozen teacher's are left out, and those the distiller keeps equal on every rank itself
+    (``rank_synced_buffers``)."""
+    synced = set(getattr(distiller, "rank_synced_buffers", ()))
+    return [
+        buffer for name, buffer in distiller.named_buffers()
+        if not name.startswith("teacher.") and name not in synced
+    ]
 
 
 class GradientSync:
@@ -246,4 +251,8 @@ def prepare_for_training(
     if getattr(distiller, "local_backward", False):
         return distiller, GradientSync(distiller)
     device_ids = [device.index] if device.type == "cuda" else None
+    # DDP would otherwise re-send these from rank 0 at every forward (PS-KD's buffer: 20 MB a step).
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        distiller, list(getattr(distiller, "rank_synced_buffers", ()))
+    )
     return DistributedDataParallel(distiller, device_ids=device_ids), _no_sync
