@@ -85,17 +85,14 @@ def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
     return model.eval()
 
 
-def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
-    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student and, when the method
-    ``requires_teacher``, the loaded teacher (else ``teacher=None``, no checkpoint needed). The
-    dataset's ``num_data`` (training-set size) and ``num_classes`` go to the methods whose
-    constructor takes them (CRD's memory banks, PS-KD's prediction buffer), as upstream's CRD."""
+def make_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module | None, num_data: int,
+                   num_classes: int) -> nn.Module:
+    """``distiller_dict[DISTILLER.TYPE](student, teacher, cfg)``, with the dataset's ``num_data``
+    (training-set size) and ``num_classes`` passed to the methods whose constructor takes them
+    (CRD's memory banks, PS-KD's prediction buffer); a ``ValueError`` becomes a ``ConfigError``
+    naming the method."""
     method = cfg.DISTILLER.TYPE
-    if method not in distiller_dict:
-        raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
     distiller_class = distiller_dict[method]
-    student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
-    teacher = load_teacher(cfg, num_classes) if distiller_class.requires_teacher else None
     accepted = inspect.signature(distiller_class).parameters
     dataset_sizes = {"num_data": num_data, "num_classes": num_classes}
     extra = {name: value for name, value in dataset_sizes.items() if name in accepted}
@@ -103,3 +100,14 @@ def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
         return distiller_class(student, teacher, cfg, **extra)
     except ValueError as error:  # distillers stay free of our config types, to go upstream as-is
         raise ConfigError(f"{method}: {error}") from None
+
+
+def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
+    """The run's distiller around a fresh student and, when the method ``requires_teacher``, the
+    loaded teacher (else ``teacher=None``: no checkpoint needed, ``DISTILLER.TEACHER`` ignored)."""
+    method = cfg.DISTILLER.TYPE
+    if method not in distiller_dict:
+        raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
+    student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
+    teacher = load_teacher(cfg, num_classes) if distiller_dict[method].requires_teacher else None
+    return make_distiller(cfg, student, teacher, num_data, num_classes)
