@@ -61,7 +61,19 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["method"] for r in results] == ["scratch", "lakd_eager", "kd"]
     assert [(r["time_vs_scratch"], r["memory_vs_scratch"]) for r in results] == [(1.0, 1.0), (2.0, 0.8), (1.5, 1.2)]
-    assert list(bench_tool.METHODS) == ["scratch", "kd", "fitnet", "cat_kd", "lakd_eager", "lakd_joint"]
+    assert list(bench_tool.METHODS) == [
+        "scratch", "kd", "fitnet", "cat_kd", "lakd_eager", "lakd_joint", "nkd", "uskd", "pskd",
+    ]
+
+
+@pytest.mark.parametrize("method,teacher", [("nkd", "resnet56"), ("uskd", None), ("pskd", None)])
+def test_new_methods_build_on_the_pairs_student(bench_tool, method, teacher):
+    distiller = bench_tool.build(method, "res56_res20")
+    resnet20 = bench_tool.build("scratch", "res56_res20").student
+    assert distiller.student.state_dict().keys() == resnet20.state_dict().keys()
+    assert (distiller.teacher is None) == (teacher is None)
+    if method == "pskd":
+        assert distiller.predictions.shape == (50000, 100)  # CIFAR-100's training set
 
 
 def test_saved_mode_counts_each_local_modules_saved_activations(bench_tool, capsys):
