@@ -324,7 +324,8 @@ def test_config_values_follow_the_references():
             pskd_reference.WEIGHT_DECAY, pskd_reference.NESTEROV) == (300, 0.1, [150, 225], 128, 0.0005, True)
     values = {
         "cifar100/nkd/res56_res20.yaml": ("NKD", (3.0, 3.5)), "imagenet/nkd/r34_r18.yaml": ("NKD", (1.0, 1.5)),
-        "cifar100/uskd/resnet20.yaml": ("USKD", (0.1, 0.1, 0.1)), "imagenet/uskd/res18.yaml": ("USKD", (1.0, 0.1, 0.005)),
+        "cifar100/uskd/resnet20.yaml": ("USKD", (0.1, 0.1, 0.1)),
+        "imagenet/uskd/res18.yaml": ("USKD", (1.0, 0.1, 0.005)),
         "cifar100/pskd/mdistiller/vgg8.yaml": ("PSKD", (0.8,)), "imagenet/pskd/res18.yaml": ("PSKD", (0.8,)),
     }
     keys = {"NKD": ("TEMPERATURE", "GAMMA"), "USKD": ("ALPHA", "BETA", "MU"), "PSKD": ("ALPHA_T",)}

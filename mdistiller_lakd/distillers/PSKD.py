@@ -30,7 +30,7 @@ def all_gather_rows(index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tens
     gathered = [torch.empty_like(padded_rows) for _ in range(world)]
     dist.all_gather(indices, padded_index)
     dist.all_gather(gathered, padded_rows)
-    return (torch.cat([t[:n] for t, n in zip(indices, sizes)]), torch.cat([t[:n] for t, n in zip(gathered, sizes)]))
+    return torch.cat([t[:n] for t, n in zip(indices, sizes)]), torch.cat([t[:n] for t, n in zip(gathered, sizes)])
 
 
 class PSKD(Distiller):
@@ -53,7 +53,9 @@ class PSKD(Distiller):
         if not 0.0 <= cfg.PSKD.ALPHA_T <= 1.0:
             raise ValueError(f"PSKD.ALPHA_T must lie in [0, 1], got {cfg.PSKD.ALPHA_T}")
         if num_data <= 0:
-            raise ValueError(f"PSKD needs the training-set size num_data (> 0) for its prediction buffer, got {num_data}")
+            raise ValueError(
+                f"PSKD needs the training-set size num_data (> 0) for its prediction buffer, got {num_data}"
+            )
         self.alpha_final = cfg.PSKD.ALPHA_T
         self.epochs = cfg.SOLVER.EPOCHS
         self.num_data = num_data
@@ -76,7 +78,9 @@ class PSKD(Distiller):
 
     def _check_batch(self, target: torch.Tensor, index: torch.Tensor | None) -> None:
         if index is None:
-            raise ValueError("PSKD needs each sample's dataset index: the training loader must yield (image, target, index)")
+            raise ValueError(
+                "PSKD needs each sample's dataset index: the training loader must yield (image, target, index)"
+            )
         check_class_targets("PSKD", target)
         outside = (index < 0) | (index >= self.num_data)
         if outside.any():

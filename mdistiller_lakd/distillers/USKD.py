@@ -36,7 +36,8 @@ def mid_feature_index(feats: dict, feat_index: int | None) -> int:
 def zipf_labels(scores: torch.Tensor) -> torch.Tensor:
     """``1 / (rank + 1)`` per class, rank 0 for the row's highest score (ties: lower class first)."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
     return 1.0 / (ranks + 1).float()
 
 
