@@ -62,7 +62,8 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
     assert [r["method"] for r in results] == ["scratch", "lakd_eager", "kd"]
     assert [(r["time_vs_scratch"], r["memory_vs_scratch"]) for r in results] == [(1.0, 1.0), (2.0, 0.8), (1.5, 1.2)]
     assert list(bench_tool.METHODS) == [
-        "scratch", "kd", "at", "fitnet", "rkd", "ofd", "crd", "dkd", "cat_kd", "acam_kd", "lakd_eager", "lakd_joint"
+        "scratch", "kd", "at", "fitnet", "rkd", "ofd", "crd", "dkd", "cat_kd", "acam_kd", "lakd_eager", "lakd_joint",
+        "nkd", "uskd", "pskd",
     ]
 
 
@@ -125,6 +126,16 @@ def test_cuda_report_prints_test_outcomes_and_the_cuda_benchmark_in_one_table(be
     assert benchmarked == list(bench_tool.METHODS)
     eager = next(line for line in lines if line.startswith("benchmark lakd_eager"))
     assert "peak 90.0 MiB, 0.90x scratch, 1.00x cat_kd memory" in eager
+
+
+@pytest.mark.parametrize("method,teacher", [("nkd", "resnet56"), ("uskd", None), ("pskd", None)])
+def test_new_methods_build_on_the_pairs_student(bench_tool, method, teacher):
+    distiller = bench_tool.build(method, "res56_res20")
+    resnet20 = bench_tool.build("scratch", "res56_res20").student
+    assert distiller.student.state_dict().keys() == resnet20.state_dict().keys()
+    assert (distiller.teacher is None) == (teacher is None)
+    if method == "pskd":
+        assert distiller.predictions.shape == (50000, 100)  # CIFAR-100's training set
 
 
 def test_saved_mode_counts_each_local_modules_saved_activations(bench_tool, capsys):

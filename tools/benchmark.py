@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from mdistiller_lakd.dataset import get_dataset
-from mdistiller_lakd.distillers import Vanilla, distiller_dict
-from mdistiller_lakd.engine.build import build_model
+from mdistiller_lakd.distillers import distiller_dict
+from mdistiller_lakd.engine.build import build_model, make_distiller
 from mdistiller_lakd.engine.cfg import load_cfg
 from mdistiller_lakd.engine.trainer import Trainer
 from mdistiller_lakd.lakd.blocks import find_blocks
@@ -67,8 +67,11 @@ METHODS = {
     "acam_kd": ("acam_kd", []),
     "lakd_eager": ("lakd", ["LAKD.BACKWARD", "eager"]),
     "lakd_joint": ("lakd", ["LAKD.BACKWARD", "joint"]),
+    "nkd": ("nkd", []),
+    "uskd": ("uskd", []),  # teacherless: configs/cifar100/uskd/<the pair's student>.yaml
+    "pskd": ("pskd", []),  # teacherless; its 50000 x 100 prediction buffer exists before the first step
 }
-CIFAR100_TRAIN_SIZE = 50000  # CRD's memory banks hold one entry per training image
+CIFAR100_TRAIN_SIZE = 50000  # num_data of the methods that keep per-sample state (PS-KD's buffer)
 PIPELINES = ("torchvision", "tensor")
 # Freed memory goes back to the OS at once (no trimming threshold, no growing mmap threshold).
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -113,15 +116,24 @@ class PeakMemory:
         return _status_kib("VmHWM") * 1024 - self.base
 
 
-def build(method: str, pair: str, num_classes: int = 100):
+def method_config(method: str, pair: str):
+    """The shipped CIFAR-100 config of ``method`` for ``pair``; a teacherless method ships one per
+    student, and gets the pair's student's."""
     folder, opts = METHODS[method]
-    cfg = load_cfg(os.path.join(REPO_ROOT, "configs", "cifar100", folder, f"{pair}.yaml"), opts)
+    path = os.path.join(REPO_ROOT, "configs", "cifar100", folder, f"{pair}.yaml")
+    if not os.path.isfile(path):
+        student = load_cfg(os.path.join(REPO_ROOT, "configs", "cifar100", "lakd", f"{pair}.yaml")).DISTILLER.STUDENT
+        path = os.path.join(REPO_ROOT, "configs", "cifar100", folder, f"{student}.yaml")
+    return load_cfg(path, opts)
+
+
+def build(method: str, pair: str, num_classes: int = 100):
+    cfg = method_config(method, pair)
     student = build_model(cfg.DISTILLER.STUDENT, "cifar100", num_classes, "DISTILLER.STUDENT")
-    if cfg.DISTILLER.TYPE == "NONE":
-        return Vanilla(student)
-    teacher = build_model(cfg.DISTILLER.TEACHER, "cifar100", num_classes, "DISTILLER.TEACHER").eval()
-    extra = {"num_data": CIFAR100_TRAIN_SIZE} if cfg.DISTILLER.TYPE == "CRD" else {}  # as build_distiller
-    return distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg, **extra)
+    teacher = None
+    if distiller_dict[cfg.DISTILLER.TYPE].requires_teacher:
+        teacher = build_model(cfg.DISTILLER.TEACHER, "cifar100", num_classes, "DISTILLER.TEACHER").eval()
+    return make_distiller(cfg, student, teacher, CIFAR100_TRAIN_SIZE, num_classes)
 
 
 def measure(

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 from yacs.config import CfgNode
 
+from ..distillers import distiller_dict
 from ..engine.cfg import ConfigError, load_cfg
 
 WORKLOG = "worklog.txt"
@@ -195,9 +196,12 @@ def read_run(path: str) -> Run:
             run_warnings.append(f"config ignored, run read from its folder name ({error})")
         else:
             method = canonical_method(cfg.DISTILLER.TYPE)
+            # DISTILLER.TEACHER is ignored by the student alone and by self-distillation methods.
+            distiller_class = distiller_dict.get(cfg.DISTILLER.TYPE)
+            has_teacher = distiller_class.requires_teacher if distiller_class else method != FROM_SCRATCH
             return Run(
                 path, epochs, final_best, cfg.DATASET.TYPE, method,
-                None if method == FROM_SCRATCH else cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT,
+                cfg.DISTILLER.TEACHER if has_teacher else None, cfg.DISTILLER.STUDENT,
                 _settings(cfg), cfg.SOLVER.EPOCHS, CONFIG_FILE,
             )
     parts = [part for part in tag.split(",") if part]

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from ..engine.checkpoint import load_checkpoint, load_weights
 from ..engine.metrics import CMIAccumulator
@@ -45,6 +44,7 @@ class MCMI(Distiller):
     needed with ``MCMI.UPDATE_CENTROIDS`` only."""
 
     requires_teacher = False
+    rank_synced_buffers = ("class_pool",)  # the same images on every rank (built from its own seed)
 
     def __init__(self, student: nn.Module, teacher: None, cfg, num_classes: int, class_pool: torch.Tensor | None = None):
         if teacher is not None:
@@ -70,8 +70,6 @@ class MCMI(Distiller):
         self.pool_per_class = 0 if class_pool is None else class_pool.size(0) // num_classes
         # Non-persistent: at CIFAR-100 scale the pool is 614 MB, rebuilt from the data on every start.
         self.register_buffer("class_pool", class_pool, persistent=False)
-        # The pool is identical on every rank: DDP must not broadcast it before each forward.
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["class_pool"])
         self.register_buffer("centroids", torch.full((num_classes, num_classes), 1.0 / num_classes))
 
     @classmethod

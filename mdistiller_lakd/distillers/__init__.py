@@ -10,8 +10,11 @@ from .HARD import HARD
 from .KD import KD
 from .LAKD import LAKD
 from .MCMI import MCMI
+from .NKD import NKD
 from .OFD import OFD
+from .PSKD import PSKD
 from .RKD import RKD
+from .USKD import USKD
 
 distiller_dict = {
     "NONE": Vanilla,
@@ -27,4 +30,7 @@ distiller_dict = {
     "MCMI": MCMI,
     "HARD": HARD,
     "ACAM_KD": ACAM_KD,
+    "NKD": NKD,
+    "USKD": USKD,
+    "PSKD": PSKD,
 }

@@ -30,8 +30,14 @@ class Distiller(nn.Module):
     per-epoch image grid of ``num_epoch_images`` fixed validation images).
     """
 
-    requires_teacher: bool = True  # False: build_distiller loads no teacher and passes None
+    # Whether the method distils a trained teacher: ``build_distiller`` loads one only when True
+    # and otherwise passes ``teacher=None`` (self-distillation, the student alone).
+    requires_teacher: bool = True
     num_epoch_images = 0  # validation images `epoch_images` is given each epoch (0: not called)
+    # Names (in the distiller's state_dict) of buffers the method itself keeps equal on every rank
+    # under torchrun: DDP must not re-broadcast them from rank 0 at each forward, nor
+    # ``Trainer.evaluate`` before validating.
+    rank_synced_buffers: tuple[str, ...] = ()
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
@@ -107,11 +113,13 @@ class Distiller(nn.Module):
 
 
 class Vanilla(Distiller):
-    """The student alone, trained with cross-entropy (``DISTILLER.TYPE: NONE``)."""
+    """The student alone, trained with cross-entropy (``DISTILLER.TYPE: NONE``).
+
+    ``teacher`` and ``cfg`` are accepted, and ignored, so that every method builds alike."""
 
     requires_teacher = False
 
-    def __init__(self, student: nn.Module, teacher: None = None, cfg=None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
         super().__init__(student, teacher=None)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -86,3 +87,41 @@ class ConvReg(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.conv(x))
         return self.relu(x) if self.use_relu else x
+
+
+def probe(model: nn.Module, dataset: str) -> tuple[torch.Tensor, dict]:
+    """``model(zero image)``: one 1 x 3 x S x S forward (S = 224 on ImageNet, else 32) in eval mode
+    without autograd, the previous mode restored. It draws no random numbers and moves no BatchNorm
+    statistics, so building a distiller leaves the student as it was."""
+    size = 224 if dataset == "imagenet" else 32
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, 3, size, size, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        model.train(was_training)
+
+
+def check_class_targets(method: str, target: torch.Tensor) -> None:
+    """Targets must be (N,) integer class indices: the score labels of mixup/cutmix are not supported."""
+    if target.dim() != 1 or target.is_floating_point() or target.is_complex():
+        raise ValueError(
+            f"{method}: targets must be class indices of shape (N,) with an integer dtype; got shape "
+            f"{tuple(target.shape)} of {target.dtype} (score labels such as mixup's are not supported)"
+        )
+
+
+def ignored_teacher(method: str, teacher: nn.Module | None) -> None:
+    """What a teacherless method stores as its teacher: None, warning when one was passed (upstream's
+    train.py always builds one)."""
+    if teacher is not None:
+        warnings.warn(f"{method} trains the student without a teacher: the teacher passed is ignored")
+    return None
+
+
+def drop_target_column(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``values`` (N x C) without each row's target column: N x (C - 1), classes in their order."""
+    keep = torch.ones_like(values, dtype=torch.bool).scatter_(1, target.unsqueeze(1), False)
+    return values[keep].reshape(values.shape[0], -1)

@@ -103,16 +103,14 @@ def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
     return model.eval()
 
 
-def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
-    """``distiller_dict[DISTILLER.TYPE]`` around a fresh student, with the loaded teacher when the
-    method ``requires_teacher``, and the extra arguments its ``build_kwargs`` gives (CRD's memory
-    banks take the training-set size ``num_data``, as upstream)."""
+def make_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module | None, num_data: int,
+                   num_classes: int) -> nn.Module:
+    """``distiller_dict[DISTILLER.TYPE](student, teacher, cfg, **extra)``, ``extra`` being what the
+    class's ``build_kwargs`` takes from the dataset or from files (CRD's memory banks and PS-KD's
+    prediction buffer: the training-set size ``num_data``; MCMI: the weights it fine-tunes); a
+    ``ValueError`` becomes a ``ConfigError`` naming the method."""
     method = cfg.DISTILLER.TYPE
-    if method not in distiller_dict:
-        raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
     distiller_class = distiller_dict[method]
-    student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
-    teacher = load_teacher(cfg, num_classes) if distiller_class.requires_teacher else None
     try:
         extra = distiller_class.build_kwargs(cfg, student, num_classes, num_data)
         return distiller_class(student, teacher, cfg, **extra)
@@ -120,3 +118,14 @@ def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
         raise
     except ValueError as error:  # distillers stay free of our config types, to go upstream as-is
         raise ConfigError(f"{method}: {error}") from None
+
+
+def build_distiller(cfg: CfgNode, num_classes: int, num_data: int) -> nn.Module:
+    """The run's distiller around a fresh student and, when the method ``requires_teacher``, the
+    loaded teacher (else ``teacher=None``: no checkpoint needed, ``DISTILLER.TEACHER`` ignored)."""
+    method = cfg.DISTILLER.TYPE
+    if method not in distiller_dict:
+        raise ConfigError(f"DISTILLER.TYPE: unknown method '{method}'; known: {', '.join(sorted(distiller_dict))}")
+    student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, num_classes, "DISTILLER.STUDENT")
+    teacher = load_teacher(cfg, num_classes) if distiller_dict[method].requires_teacher else None
+    return make_distiller(cfg, student, teacher, num_data, num_classes)

@@ -202,6 +202,28 @@ CFG.CAT_KD.teacher_dir = None
 CFG.CAT_KD.student_dir = None
 
 # LAKD: local attention knowledge distillation (docs/METHOD.md, "Config keys")
+# NKD: normalized KD (cls_KD's CIFAR-100 NKDLoss settings; its ImageNet configs use 1.0 / 1.5)
+CFG.NKD = CN()
+CFG.NKD.TEMPERATURE = 3.0  # T of the non-target term; the target term is at T = 1
+CFG.NKD.GAMMA = 3.5
+CFG.NKD.LOSS = CN()
+CFG.NKD.LOSS.CE_WEIGHT = 1.0
+CFG.NKD.LOSS.NKD_WEIGHT = 1.0  # ours: scales the whole NKD term
+
+# USKD: universal self-KD, teacherless (cls_KD's CIFAR-100 USKDLoss; ImageNet: 1.0 / 0.1 / 0.005)
+CFG.USKD = CN()
+CFG.USKD.ALPHA = 0.1
+CFG.USKD.BETA = 0.1
+CFG.USKD.MU = 0.1
+CFG.USKD.FEAT_INDEX = None  # index into feats["feats"] of the weak head's map; None = automatic
+CFG.USKD.LOSS = CN()
+CFG.USKD.LOSS.CE_WEIGHT = 1.0
+
+# PS-KD: progressive self-KD, teacherless (the schedule runs over SOLVER.EPOCHS)
+CFG.PSKD = CN()
+CFG.PSKD.ALPHA_T = 0.8
+
+# LAKD: local attention knowledge distillation (docs: ../shared/docs/METHOD.md, "Config node")
 CFG.LAKD = CN()
 CFG.LAKD.LOCATIONS = [1, 4, 9]  # 1-based block indices; the last must be the student's last block
 CFG.LAKD.TEACHER_STAGES = []  # [] = resolution-matched; else indices into the teacher's feats list

@@ -182,8 +182,13 @@ def broadcast_from_main(tensors: Sequence[torch.Tensor]) -> None:
 
 def student_side_buffers(distiller: nn.Module) -> list[torch.Tensor]:
     """The buffers training changes (BatchNorm statistics of the student and the connectors); the
-    frozen teacher's are left out."""
-    return [buffer for name, buffer in distiller.named_buffers() if not name.startswith("teacher.")]
+    frozen teacher's are left out, and those the distiller keeps equal on every rank itself
+    (``rank_synced_buffers``)."""
+    synced = set(getattr(distiller, "rank_synced_buffers", ()))
+    return [
+        buffer for name, buffer in distiller.named_buffers()
+        if not name.startswith("teacher.") and name not in synced
+    ]
 
 
 class GradientSync:
@@ -258,9 +263,12 @@ def prepare_for_training(
     if getattr(distiller, "local_backward", False):
         return distiller, GradientSync(distiller)
     broadcast_from_main([p.detach() for p in self_optimized])
-    ignored = {id(p) for p in self_optimized}
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        distiller, [name for name, p in distiller.named_parameters() if id(p) in ignored]
-    )
+    self_optimized_ids = {id(p) for p in self_optimized}
+    # Kept out of DDP (one call: each call replaces the last one's list): the parameters the method
+    # steps itself, and the buffers it keeps equal on every rank, which DDP would otherwise re-send
+    # from rank 0 at every forward (PS-KD's buffer: 20 MB a step).
+    ignored = [name for name, p in distiller.named_parameters() if id(p) in self_optimized_ids]
+    ignored += list(getattr(distiller, "rank_synced_buffers", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(distiller, device_ids=device_ids), _no_sync
