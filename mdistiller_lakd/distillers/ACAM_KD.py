@@ -38,7 +38,7 @@ class ACAM_KD(Distiller):
             if loss[key] < 0:
                 raise ValueError(f"ACAM_KD.LOSS.{key} {loss[key]} is negative")
         shapes_s, shapes_t = get_feat_shapes(student, teacher, acam.INPUT_SIZE)
-        num_s, num_t = len(shapes_s), len(shapes_t)
+        num_s = len(shapes_s)
         if not acam.STAGES or not all(-num_s <= s < num_s for s in acam.STAGES):
             raise ValueError(
                 f"ACAM_KD.STAGES {list(acam.STAGES)}: give one or more indices into the student's "
@@ -83,10 +83,9 @@ class ACAM_KD(Distiller):
     def get_extra_parameters(self) -> int:
         return count_parameters(self.acam)
 
-    @torch.no_grad()
     def _teacher_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The teacher's features at the matched stages; the rest of its outputs are freed."""
-        feats = self.teacher(image)[1]["feats"]
+        feats = self.teacher_outputs(image)[1]["feats"]
         return [feats[t] for t in self.teacher_stages]
 
     def _stage_outputs(self, image: torch.Tensor):

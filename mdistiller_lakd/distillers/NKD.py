@@ -43,8 +43,7 @@ class NKD(Distiller):
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
         check_class_targets("NKD", target)
-        with torch.no_grad():  # the teacher first: only its logits stay alive during the student's pass
-            logits_teacher, _ = self.teacher(image)
+        logits_teacher = self.teacher_outputs(image)[0]  # first: only its logits stay alive
         logits_student, _ = self.student(image)
         losses_dict = {
             "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student.float(), target),
