@@ -138,6 +138,7 @@ def test_defaults_and_shipped_configs_pass_the_checks():
 
     check_values(CFG)
     for path in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True):
-        check_values(load_cfg(path))
+        if os.sep + "grids" + os.sep not in path:  # grid files list configs (tools/grid.py)
+            check_values(load_cfg(path))
     check_values(load_cfg(None, ["SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]"]))
     check_values(load_cfg(None, ["SOLVER.EPOCHS", "2", "SOLVER.SCHEDULER", "cosine"]))  # stages unused

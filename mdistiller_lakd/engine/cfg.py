@@ -201,7 +201,6 @@ CFG.CAT_KD.LOSS.CAM_RESOLUTION = 2
 CFG.CAT_KD.teacher_dir = None
 CFG.CAT_KD.student_dir = None
 
-# LAKD: local attention knowledge distillation (docs/METHOD.md, "Config keys")
 # NKD: normalized KD (cls_KD's CIFAR-100 NKDLoss settings; its ImageNet configs use 1.0 / 1.5)
 CFG.NKD = CN()
 CFG.NKD.TEMPERATURE = 3.0  # T of the non-target term; the target term is at T = 1
@@ -223,7 +222,7 @@ CFG.USKD.LOSS.CE_WEIGHT = 1.0
 CFG.PSKD = CN()
 CFG.PSKD.ALPHA_T = 0.8
 
-# LAKD: local attention knowledge distillation (docs: ../shared/docs/METHOD.md, "Config node")
+# LAKD: local attention knowledge distillation (docs/METHOD.md, "Config keys")
 CFG.LAKD = CN()
 CFG.LAKD.LOCATIONS = [1, 4, 9]  # 1-based block indices; the last must be the student's last block
 CFG.LAKD.TEACHER_STAGES = []  # [] = resolution-matched; else indices into the teacher's feats list
