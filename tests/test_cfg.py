@@ -1,6 +1,6 @@
 import pytest
 
-from mdistiller_lakd.engine.cfg import CFG, ConfigError, load_cfg
+from mdistiller_lakd.engine.cfg import CFG, ConfigError, check_values, load_cfg
 
 
 def test_upstream_style_config_loads(tmp_path):
@@ -50,6 +50,16 @@ def test_override_unknown_key_named():
 def test_override_wrong_type_named():
     with pytest.raises(ConfigError, match="SOLVER.EPOCHS"):
         load_cfg(None, ["SOLVER.EPOCHS", "'many'"])
+
+
+def test_whole_numbers_override_float_keys_and_are_still_range_checked():
+    cfg = load_cfg(None, ["SOLVER.LR", "1", "LAKD.LOSS.CAT_WEIGHT", "0", "SOLVER.EPOCHS", "3"])
+    assert (cfg.SOLVER.LR, cfg.LAKD.LOSS.CAT_WEIGHT, cfg.SOLVER.EPOCHS) == (1.0, 0.0, 3)
+    assert isinstance(cfg.SOLVER.LR, float) and isinstance(cfg.SOLVER.EPOCHS, int)
+    with pytest.raises(ConfigError, match="LAKD.LOSS.CAT_WEIGHT"):
+        check_values(load_cfg(None, ["LAKD.LOSS.CAT_WEIGHT", "-1"]))
+    with pytest.raises(ConfigError, match="SOLVER.LR"):  # a string stays a type error
+        load_cfg(None, ["SOLVER.LR", "'fast'"])
 
 
 def test_overrides_apply_and_defaults_are_ours():

@@ -8,6 +8,7 @@ that only steer CAT-KD's model surgery are read and ignored.
 from __future__ import annotations
 
 import os
+from ast import literal_eval
 from typing import Callable, Sequence
 
 import yaml
@@ -330,13 +331,32 @@ def load_cfg(path: str | None = None, opts: Sequence[str] = ()) -> CN:
         if len(opts) % 2:
             raise ConfigError(f"overrides come as KEY VALUE pairs; got an odd list: {list(opts)}")
         try:
-            cfg.merge_from_list(list(opts))
+            cfg.merge_from_list(_ints_as_floats(cfg, list(opts)))
         except (KeyError, AssertionError) as error:
             raise ConfigError(f"command-line override: unknown config key '{_key_of(error)}'") from None
         except ValueError as error:
             raise ConfigError(f"command-line override: {error}") from None
     cfg.freeze()
     return cfg
+
+
+def _ints_as_floats(cfg: CN, opts: list) -> list:
+    """``KEY 1`` for a float key means 1.0 (yacs would reject the int): a weight of 0 or a learning
+    rate of 1 typed as a whole number is not a type error to a user."""
+    widened = list(opts)
+    for i in range(0, len(widened), 2):
+        node, *path = widened[i].split(".")
+        default = cfg.get(node)
+        for part in path:
+            default = default.get(part) if isinstance(default, CN) else None
+        if isinstance(default, float) and isinstance(widened[i + 1], str):
+            try:
+                value = literal_eval(widened[i + 1])
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                widened[i + 1] = repr(float(value))
+    return widened
 
 
 def dump_cfg(cfg: CN) -> str:
