@@ -47,13 +47,9 @@ def get_feat_shapes(
     """
     shapes = []
     for model in (student, teacher):
-        was_training = model.training
-        model.eval()
         parameter = next(model.parameters())
-        probe = torch.randn(1, 3, *input_size, device=parameter.device, dtype=parameter.dtype)
-        with torch.no_grad():
-            shapes.append([f.shape for f in model(probe)[1]["feats"]])
-        model.train(was_training)
+        image = torch.randn(1, 3, *input_size, device=parameter.device, dtype=parameter.dtype)
+        shapes.append([f.shape for f in eval_forward(model, image)[1]["feats"]])
     return shapes[0], shapes[1]
 
 
@@ -95,11 +91,17 @@ def probe(model: nn.Module, dataset: str) -> tuple[torch.Tensor, dict]:
     statistics, so building a distiller leaves the student as it was."""
     size = 224 if dataset == "imagenet" else 32
     parameter = next(model.parameters())
+    return eval_forward(model, torch.zeros(1, 3, size, size, device=parameter.device, dtype=parameter.dtype))
+
+
+def eval_forward(model: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``model(image)`` in eval mode without autograd (BatchNorm statistics stay as they are), the
+    model's previous mode restored."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return model(torch.zeros(1, 3, size, size, device=parameter.device, dtype=parameter.dtype))
+            return model(image)
     finally:
         model.train(was_training)
 

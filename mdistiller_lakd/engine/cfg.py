@@ -294,7 +294,7 @@ def _key_of(error: Exception) -> str:
     return message.rsplit(":", 1)[-1].strip()
 
 
-def _yaml_error_message(path: str, error: yaml.YAMLError) -> str:
+def yaml_error_message(path: str, error: yaml.YAMLError) -> str:
     """``FILE, line N: not valid YAML: <what>``, with the line where the parser gave up."""
     mark = getattr(error, "problem_mark", None)
     where = f"{path}, line {mark.line + 1}" if mark is not None else path
@@ -326,7 +326,7 @@ def load_cfg(path: str | None = None, opts: Sequence[str] = ()) -> CN:
         except (TypeError, AttributeError):  # yacs on a file that is YAML but not a mapping of keys
             raise ConfigError(f"{path}: a config file is a mapping of KEY: value lines") from None
         except yaml.YAMLError as error:
-            raise ConfigError(_yaml_error_message(path, error)) from None
+            raise ConfigError(yaml_error_message(path, error)) from None
     if opts:
         if len(opts) % 2:
             raise ConfigError(f"overrides come as KEY VALUE pairs; got an odd list: {list(opts)}")

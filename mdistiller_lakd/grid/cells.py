@@ -30,7 +30,7 @@ import yaml
 
 from ..analysis.runs import WORKLOG, RunError, group_runs, markdown_table, parse_worklog, read_run, summary_rows
 from ..engine.build import REPO_ROOT
-from ..engine.cfg import ConfigError, load_cfg
+from ..engine.cfg import ConfigError, load_cfg, yaml_error_message
 from ..engine.checkpoint import atomic_write
 from ..engine.utils import experiment_name
 
@@ -128,7 +128,7 @@ def _read_grid_file(path: str) -> dict:
     except OSError as error:
         raise ConfigError(f"cannot read grid file {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(yaml_error_message(path, error)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid file is a YAML mapping with the keys {', '.join(GRID_KEYS)}")
     unknown = sorted(set(raw) - set(GRID_KEYS))
