@@ -1,6 +1,7 @@
 """The released CIFAR-100 teacher is downloaded when missing: from a local HTTP server serving an
 archive in upstream's layout, through tools/train.py in a fresh working directory; a truncated or
 interrupted download leaves no teacher file and says what failed and what to do."""
+import glob
 import http.server
 import io
 import os
@@ -12,18 +13,24 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from released_teacher import save_released_checkpoint
+from mdistiller_lakd.engine.cfg import load_cfg
+from mdistiller_lakd.engine.checkpoint import load_checkpoint
 from mdistiller_lakd.engine.download import archive_member
 from mdistiller_lakd.models import cifar_model_dict
 
 MEMBER = "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth"
 
 
-def released_checkpoint() -> bytes:
-    """A resnet8 teacher saved as upstream's release is (from DataParallel: "module." keys)."""
+def teacher_state() -> dict:
     torch.manual_seed(0)
-    state = cifar_model_dict["resnet8"][0](num_classes=100).state_dict()
+    return cifar_model_dict["resnet8"][0](num_classes=100).state_dict()
+
+
+def released_checkpoint() -> bytes:
+    """A resnet8 teacher saved as upstream's release is (from DataParallel, with its metadata)."""
     buffer = io.BytesIO()
-    torch.save({"model": {"module." + key: value for key, value in state.items()}, "epoch": 240}, buffer)
+    save_released_checkpoint(teacher_state(), buffer)
     return buffer.getvalue()
 
 
@@ -100,6 +107,12 @@ def train_kd(fresh, url: str) -> int:
     ])
 
 
+def test_default_url_is_upstreams_checkpoints_release():
+    assert load_cfg(None, []).DISTILLER.TEACHER_URL == (
+        "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
+    )
+
+
 def test_archive_member_is_upstreams_layout():
     root, member = archive_member(cifar_model_dict["resnet56"][1])
     assert member == "cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth"
@@ -114,6 +127,9 @@ def test_missing_teacher_is_downloaded_and_training_runs(fresh, server, checkpoi
     assert (download_root / "cifar_teachers" / "resnet14_vanilla" / "ckpt_epoch_240.pth").read_bytes() == b"other"
     assert os.listdir(".") == []  # nothing in the working directory
     assert "Downloading the released teachers from " + server + "/good.tar" in capsys.readouterr().out
+    [latest] = glob.glob(os.path.join(fresh["prefix"], "*", "*", "latest"))
+    state, trained = teacher_state(), load_checkpoint(latest)["model"]
+    assert all(torch.equal(trained["teacher." + key], state[key]) for key in state)  # the released teacher
 
 
 @pytest.mark.parametrize("archive, failure", [

@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint, load_weights
 from .download import TeacherDownloadError, archive_member, download_released_teachers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RELEASED_TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/tag/v0.1"
+RELEASED_TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/tag/checkpoints"
 
 
 class TeacherNotFoundError(FileNotFoundError):

@@ -57,7 +57,7 @@ CFG.DISTILLER.TEACHER = "ResNet50"
 CFG.DISTILLER.STUDENT = "resnet32"
 CFG.DISTILLER.TEACHER_CKPT = ""  # ours: "" = upstream's download_ckpts/cifar_teachers/<name>_vanilla/
 # ours: where a missing CIFAR-100 teacher of upstream's release is downloaded from; "" = never
-CFG.DISTILLER.TEACHER_URL = "https://github.com/megvii-research/mdistiller/releases/download/v0.1/cifar_teachers.tar"
+CFG.DISTILLER.TEACHER_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
 
 # Solver
 CFG.SOLVER = CN()
