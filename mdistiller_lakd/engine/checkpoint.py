@@ -1,7 +1,8 @@
 """Checkpoint files: atomic writes, safe reads, and model weights out of any checkpoint format we meet.
 
 Formats read: upstream's released teachers (``{"model": state_dict, ...}``, sometimes with
-DataParallel's ``module.`` prefix, and training metadata: see ``RELEASED_CHECKPOINT_GLOBALS``), upstream's training checkpoints (``latest``/``best``: the whole distiller under
+DataParallel's ``module.`` prefix, and training metadata: see ``RELEASED_CHECKPOINT_GLOBALS``),
+upstream's training checkpoints (``latest``/``best``: the whole distiller under
 ``module.student.*`` / ``module.teacher.*``), this project's student checkpoints (``student_*``) and
 training checkpoints (``student.*`` / ``teacher.*``), and a bare state_dict.
 """
