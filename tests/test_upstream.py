@@ -87,14 +87,7 @@ STANDIN = {
         CFG.DISTILLER.STUDENT = "resnet32"
 
         CFG.SOLVER = CN()
-        CFG.SOLVER.BATCH_SIZE = 64
-        CFG.SOLVER.EPOCHS = 240
-        CFG.SOLVER.LR = 0.05
-        CFG.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
-        CFG.SOLVER.LR_DECAY_RATE = 0.1
-        CFG.SOLVER.WEIGHT_DECAY = 0.0001
-        CFG.SOLVER.MOMENTUM = 0.9
-        CFG.SOLVER.TYPE = "SGD"
+        {solver}
 
         # KD CFG
         CFG.KD = CN()
@@ -163,6 +156,8 @@ STANDIN = {
         ### Installation
         """,
 }
+# upstream's solver keys, with upstream's defaults (which are ours)
+SOLVER_KEYS = ("BATCH_SIZE", "EPOCHS", "LR", "LR_DECAY_STAGES", "LR_DECAY_RATE", "WEIGHT_DECAY", "MOMENTUM", "TYPE")
 EDITED = sorted(UPSTREAM_EDITS)
 ADDED = sorted([*sources.SHIPPED.values()] + [
     f"configs/cifar100/lakd/{name}" for name in os.listdir(os.path.join(REPO_ROOT, "configs", "cifar100", "lakd"))
@@ -193,7 +188,8 @@ def standin(tmp_path):
     root = tmp_path / "mdistiller"
     for name, text in STANDIN.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(textwrap.dedent(text))
+        solver = "\n".join(f"CFG.SOLVER.{key} = {CFG.SOLVER[key]!r}" for key in SOLVER_KEYS)
+        (root / name).write_text(textwrap.dedent(text).replace("{solver}", solver))
     shutil.copytree(os.path.join(REPO_ROOT, "mdistiller_lakd", "models"), root / "mdistiller" / "models",
                     ignore=shutil.ignore_patterns("__pycache__"))
     git(root, "init", "-q", "-b", "master")
@@ -411,3 +407,11 @@ def test_anchor_errors_name_the_file_and_the_anchor():
             "mdistiller/distillers/__init__.py", 'from .KD import KD\ndistiller_dict = {\n    "KD": KD\n}\n')
     with pytest.raises(AnchorError, match=r"mdistiller/engine/trainer.py: anchor not found: the line building `student_state"):
         UPSTREAM_EDITS["mdistiller/engine/trainer.py"]("mdistiller/engine/trainer.py", "state = {}\n")
+
+
+def test_an_unwritable_output_changes_nothing(standin, tmp_path, capsys):
+    unchanged = state(standin)
+    describe = tmp_path / "PR.md"
+    code, _, err = run(capsys, "--mdistiller", standin, "--describe", describe, "--patch", tmp_path / "no" / "x.patch")
+    assert code == 2 and "x.patch" in err
+    assert state(standin) == unchanged and not describe.exists()

@@ -72,11 +72,17 @@ def make(plan: Plan, branch: str, patch: str | None = None, describe: str | None
     """Commit the plan on ``branch`` (checked out afterwards); returns the commit id."""
     checkout = plan.checkout
     commit = checkout.commit(plan.files, commit_message(sorted(plan.files)))
-    if patch:
-        with open(patch, "w", encoding="utf-8") as f:
-            f.write(checkout.format_patch(commit))
-    if describe:
-        with open(describe, "w", encoding="utf-8") as f:
-            f.write(description(checkout.diff_stat(commit), checkout.head))
-    checkout.publish(branch, commit)
+    outputs = {describe: lambda c: description(checkout.diff_stat(c), checkout.head), patch: checkout.format_patch}
+    written = []
+    try:
+        for path, text_of in outputs.items():
+            if path:
+                with open(path, "w", encoding="utf-8") as f:
+                    written.append(path)
+                    f.write(text_of(commit))
+        checkout.publish(branch, commit)
+    except BaseException:
+        for path in written:  # nothing of a failed run stays behind
+            os.remove(path)
+        raise
     return commit
