@@ -415,3 +415,11 @@ def test_an_unwritable_output_changes_nothing(standin, tmp_path, capsys):
     code, _, err = run(capsys, "--mdistiller", standin, "--describe", describe, "--patch", tmp_path / "no" / "x.patch")
     assert code == 2 and "x.patch" in err
     assert state(standin) == unchanged and not describe.exists()
+
+
+def test_a_checkout_with_lakd_is_refused(standin, capsys):
+    assert run(capsys, "--mdistiller", standin)[0] == 0
+    unchanged = state(standin)
+    code, _, err = run(capsys, "--mdistiller", standin, "--branch", "lakd2")
+    assert code == 2 and "HEAD already has mdistiller/distillers/LAKD.py" in err, err
+    assert state(standin) == unchanged

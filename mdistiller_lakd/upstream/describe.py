@@ -58,8 +58,8 @@ as `DISTILLER.TYPE: LAKD`, with configs for the six CIFAR-100 teacher-student pa
 main table.
 
 The student is cut after chosen blocks (`LAKD.LOCATIONS`, 1-based) into local modules. Each module
-but the last learns only from a feature loss against the teacher (MSE through a 1x1 connector when
-the shapes differ), because the feature it passes on is detached (the separation-decoupling
+but the last learns only from a feature loss against the teacher (MSE, through a resize, 1x1
+convolution and BatchNorm when the shapes differ), because the feature it passes on is detached (the separation-decoupling
 mechanism, SDM); the last module learns from cross-entropy and CAT-KD's class-attention loss. The
 feature entering each next module is scaled by `1 + A`, `A` a weighted sum of its normalised mean
 and max absolute activation over channels (non-directional activation mapping, NDAM), in training

@@ -38,11 +38,11 @@ def _module_name(path: str) -> str:
     return ".".join(Path(path).with_suffix("").parts).removesuffix(".__init__")
 
 
-# Every module of this package a shipped file may import -> the upstream module that provides it,
-# with the names it must define there (None: a shipped module, whatever it defines).
-MODULE_MAP: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "mdistiller_lakd.distillers._base": ("mdistiller.distillers._base", ("Distiller",)),
-    **{_module_name(f"mdistiller_lakd/{ours}"): (_module_name(theirs), None) for ours, theirs in SHIPPED.items()},
+# Every module of this package a shipped file may import -> the upstream module that provides it:
+# upstream's own (whose source must define the names imported) or a shipped one.
+MODULE_MAP: dict[str, str] = {
+    "mdistiller_lakd.distillers._base": "mdistiller.distillers._base",
+    **{_module_name(f"mdistiller_lakd/{ours}"): _module_name(theirs) for ours, theirs in SHIPPED.items()},
 }
 THIRD_PARTY = ("torch",)  # besides the standard library
 
@@ -85,7 +85,7 @@ def _relative(target: str, module: str, is_package: bool) -> tuple[int, str]:
 
 def rewrite_imports(text: str, ours: str, provided: dict[str, set[str]]) -> str:
     """``text`` of the shipped file ``ours`` (relative to the package) with every import of this
-    package mapped by ``MODULE_MAP``; ``provided`` lists the names each upstream-provided module
+    package mapped by ``MODULE_MAP``; ``provided`` gives the names each of upstream's own modules
     defines. Raises ``GenerationError`` for any import that does not map."""
     module, target_module = _module_name(f"mdistiller_lakd/{ours}"), _module_name(SHIPPED[ours])
     is_package = ours.endswith("__init__.py")
@@ -106,8 +106,9 @@ def rewrite_imports(text: str, ours: str, provided: dict[str, set[str]]) -> str:
                 f"{where} imports {source}, which the pull request does not ship: move what LAKD "
                 "needs into mdistiller_lakd/lakd/ (shipped as mdistiller/lakd/)"
             )
-        target, names = MODULE_MAP[source]
-        missing = sorted({a.name for a in node.names} - provided.get(target, set())) if names else []
+        target = MODULE_MAP[source]
+        shipped = target in {_module_name(theirs) for theirs in SHIPPED.values()}
+        missing = [] if shipped else sorted({a.name for a in node.names} - provided.get(target, set()))
         if missing:
             raise GenerationError(f"{where} imports {missing} from {target}, which upstream does not define")
         level, name = _relative(target, target_module, is_package)
