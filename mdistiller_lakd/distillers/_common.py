@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def count_parameters(*modules: nn.Module) -> int:
@@ -83,6 +84,16 @@ class ConvReg(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.conv(x))
         return self.relu(x) if self.use_relu else x
+
+
+def pool_to_common_size(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two maps with the larger one average-pooled to the smaller one's (square) size."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    return f_s, f_t
 
 
 def probe(model: nn.Module, dataset: str) -> tuple[torch.Tensor, dict]:
