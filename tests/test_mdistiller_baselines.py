@@ -53,6 +53,17 @@ def test_pkt_by_hand():
     assert pkt_loss(f_s, f_t).item() == pytest.approx(math.log(9 / 8) / 4, rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_fn", [pkt_loss, sp_loss], ids=["PKT", "SP"])
+def test_similarity_losses_run_in_float32_under_autocast(loss_fn):
+    # bf16 similarities put PKT's loss off by orders of magnitude (KL of nearly equal distributions)
+    generator = torch.Generator().manual_seed(0)
+    f_s, f_t = torch.rand(8, 64, generator=generator), torch.rand(8, 64, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = loss_fn(f_s.bfloat16(), f_t.bfloat16())
+    assert autocast.dtype == torch.float32
+    assert autocast.item() == pytest.approx(loss_fn(f_s.bfloat16().float(), f_t.bfloat16().float()).item(), rel=1e-6)
+
+
 def test_nst_by_hand_with_pooling():
     # Student channel maps (1, 0) and (0, 1); teacher maps (1, 0) and (3, 0), normalised to (1, 0)
     # twice. Kernel means <a_i, b_j>^2 over the 2 x 2 channel pairs: k(t, t) = 1,

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
+from ._common import in_float32
 
 
 def similarity_probabilities(features: torch.Tensor, eps: float) -> torch.Tensor:
@@ -17,6 +18,7 @@ def similarity_probabilities(features: torch.Tensor, eps: float) -> torch.Tensor
     return similarity / similarity.sum(1, keepdim=True)
 
 
+@in_float32
 def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """``KL(P_t || P_s)`` of the two batch similarity distributions, averaged over all N x N entries
     (upstream's ``mean``); the teacher's side is a constant target."""

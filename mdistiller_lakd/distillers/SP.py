@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
+from ._common import in_float32
 
 
 def batch_similarity(feature: torch.Tensor) -> torch.Tensor:
@@ -14,6 +15,7 @@ def batch_similarity(feature: torch.Tensor) -> torch.Tensor:
     return F.normalize(flat @ flat.t())
 
 
+@in_float32
 def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius distance of the two batch similarities over N^2; the teacher's is a
     constant target. A scalar (upstream's is the same number in a one-element tensor)."""
