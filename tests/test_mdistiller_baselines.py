@@ -265,6 +265,18 @@ def test_vid_input_size_the_models_cannot_take_is_named():
         build("VID", "VID.INPUT_SIZE", "(1, 1)", teacher="vgg8", student="vgg8")
 
 
+def test_vid_initial_variance_below_its_floor_is_named():
+    with pytest.raises(ValueError, match=r"VID.INIT_PRED_VAR \(1e-06\) must be larger than VID.EPS \(1e-05\)"):
+        build("VID", "VID.INIT_PRED_VAR", 1e-6)
+
+
+def test_reviewkd_warmup_of_zero_epochs_is_a_config_error():
+    from mdistiller_lakd.engine.cfg import ConfigError, check_values
+
+    with pytest.raises(ConfigError, match=r"REVIEWKD.WARMUP_EPOCHS: must be > 0, got 0"):
+        check_values(load_cfg(None, ["REVIEWKD.WARMUP_EPOCHS", 0]))
+
+
 def test_kdsvd_stage_widths_that_differ_are_named():
     with pytest.raises(ValueError, match=r"same widths, pair by pair; found \[16, 8, 4, 4\] and \[32, 16, 8\]"):
         build("KDSVD", teacher="resnet14", student="vgg8")

@@ -44,6 +44,11 @@ class VID(Distiller):
         self.ce_loss_weight = cfg.VID.LOSS.CE_WEIGHT
         self.feat_loss_weight = cfg.VID.LOSS.FEAT_WEIGHT
         self.eps = cfg.VID.EPS
+        if not cfg.VID.INIT_PRED_VAR > self.eps >= 0:
+            raise ValueError(
+                f"VID.INIT_PRED_VAR ({cfg.VID.INIT_PRED_VAR}) must be larger than VID.EPS ({self.eps}) >= 0: "
+                "the variance starts at INIT_PRED_VAR and never falls below EPS"
+            )
         try:
             feat_s_shapes, feat_t_shapes = get_feat_shapes(student, teacher, cfg.VID.INPUT_SIZE)
         except RuntimeError as error:
