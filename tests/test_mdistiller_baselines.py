@@ -131,10 +131,6 @@ def test_kdsvd_alignment_picks_the_best_student_vector_signed_and_passes_gradien
     assert torch.equal(v_s.grad, torch.tensor([[[0.0, -2.0, 0.0], [0.0, -3.0, 0.0]]]))
 
 
-def four_d(x):
-    return x.view(2, 2, 2, 2)
-
-
 LOSSES = {
     "PKT": lambda f_s, f_t: pkt_loss(f_s.flatten(1), f_t.flatten(1)),
     "SP": sp_loss,
