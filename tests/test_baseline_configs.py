@@ -1,7 +1,8 @@
 """The baselines' configs: upstream's files load unmodified; ours carry the papers' values and train.
 
 The upstream fixtures reproduce the key/value structure of upstream mdistiller's
-``configs/cifar100/{kd,at,fitnet,rkd,ofd,crd}.yaml`` and ``configs/cifar100/dkd/*.yaml`` and of
+``configs/cifar100/{kd,at,fitnet,rkd,ofd,crd,reviewkd,vid,pkt,sp,nst,kdsvd}.yaml``,
+``configs/cifar100/dkd/*.yaml`` and ``configs/imagenet/{r34_r18,r50_mv1}/reviewkd.yaml`` and of
 CAT-KD's ``configs/cifar100/CAT_KD/*.yaml`` (one entry per file, named by its upstream path).
 """
 import glob
@@ -36,6 +37,24 @@ def mdistiller_yaml(tag, method, teacher, student, lr=0.05, tail=""):
     )
 
 
+def mdistiller_imagenet_yaml(tag, method, teacher, student, tail):
+    """Upstream mdistiller's ImageNet config layout."""
+    return (
+        f'EXPERIMENT:\n  NAME: ""\n  TAG: "{tag}"\n  PROJECT: "imagenet_baselines"\n'
+        'DATASET:\n  TYPE: "imagenet"\n  NUM_WORKERS: 32\n  TEST:\n    BATCH_SIZE: 128\n'
+        f'DISTILLER:\n  TYPE: "{method}"\n  TEACHER: "{teacher}"\n  STUDENT: "{student}"\n'
+        "SOLVER:\n  BATCH_SIZE: 256\n  EPOCHS: 100\n  LR: 0.1\n  LR_DECAY_STAGES: [30, 60, 90]\n  LR_DECAY_RATE: 0.1\n"
+        '  WEIGHT_DECAY: 0.0001\n  MOMENTUM: 0.9\n  TYPE: "SGD"\nLOG:\n  TENSORBOARD_FREQ: 50\n  SAVE_CHECKPOINT_FREQ: 10\n'
+        + tail
+    )
+
+
+REVIEWKD_IMAGENET = (
+    "REVIEWKD:\n  CE_WEIGHT: 1.0\n  REVIEWKD_WEIGHT: {weight}\n  WARMUP_EPOCHS: 1\n  SHAPES: [1,7,14,28,56]\n"
+    "  OUT_SHAPES: [1,7,14,28,56]\n  IN_CHANNELS: {in_channels}\n  OUT_CHANNELS: {out_channels}\n{extra}  STU_PREACT: True\n"
+)
+
+
 def cat_kd_yaml(name, teacher, student, lr, weight, resolution, normalize, device=0, wandb=False):
     """CAT-KD's CIFAR-100 config layout (its comments and its model-surgery switches included)."""
     log = "LOG:\n  WANDB: False\n  \n" if wandb else ""
@@ -62,6 +81,22 @@ UPSTREAM_FILES = {
     "configs/cifar100/ofd.yaml": mdistiller_yaml("ofd,res32x4,res8x4", "OFD", "resnet32x4", "resnet8x4"),
     "configs/cifar100/crd.yaml": mdistiller_yaml(
         "crd,res32x4,res8x4", "CRD", "resnet32x4", "resnet8x4", tail='  TRAINER: "crd" \n'
+    ),
+    "configs/cifar100/reviewkd.yaml": mdistiller_yaml(
+        "reviewkd,res32x4,res8x4", "REVIEWKD", "resnet32x4", "resnet8x4", tail="REVIEWKD:\n  REVIEWKD_WEIGHT: 5.0\n"
+    ),
+    **{
+        f"configs/cifar100/{name}.yaml": mdistiller_yaml(f"{name},res32x4,res8x4", name.upper(), "resnet32x4", "resnet8x4")
+        for name in ("vid", "pkt", "sp", "nst", "kdsvd")
+    },
+    "configs/imagenet/r34_r18/reviewkd.yaml": mdistiller_imagenet_yaml(
+        "reviewkd,res34,res18", "REVIEWKD", "ResNet34", "ResNet18", REVIEWKD_IMAGENET.format(
+            weight=1.0, in_channels="[64,128,256,512,512]", out_channels="[64,128,256,512,512]", extra="")
+    ),
+    "configs/imagenet/r50_mv1/reviewkd.yaml": mdistiller_imagenet_yaml(
+        "reviewkd,res50,mobilenetv1", "REVIEWKD", "ResNet50", "MobileNetV1", REVIEWKD_IMAGENET.format(
+            weight=8.0, in_channels="[128,256,512,1024,1024]", out_channels="[256,512,1024,2048,2048]",
+            extra="  MAX_MID_CHANNEL: 256\n")
     ),
     "configs/cifar100/dkd/res56_res20.yaml": mdistiller_yaml(
         "dkd,res56,res20", "DKD", "resnet56", "resnet20", tail=BETA.format(2.0)
@@ -104,7 +139,7 @@ UPSTREAM_FILES = {
 
 
 def write_upstream(tmp_path, upstream_path):
-    path = tmp_path / os.path.basename(upstream_path)
+    path = tmp_path / upstream_path.replace("/", "_")
     path.write_text(UPSTREAM_FILES[upstream_path], encoding="utf-8")
     return str(path)
 
@@ -137,7 +172,10 @@ def one_step(cfg, image_size, num_classes):
 def test_upstream_configs_load_unmodified(tmp_path, upstream_path):
     cfg = load_cfg(write_upstream(tmp_path, upstream_path))
     assert cfg.DISTILLER.TYPE in distiller_dict
-    assert cfg.SOLVER.WEIGHT_DECAY == 0.0005 and cfg.SOLVER.EPOCHS == 240
+    if "imagenet" in upstream_path:
+        assert cfg.SOLVER.WEIGHT_DECAY == 0.0001 and cfg.SOLVER.EPOCHS == 100
+    else:
+        assert cfg.SOLVER.WEIGHT_DECAY == 0.0005 and cfg.SOLVER.EPOCHS == 240
 
 
 # Upstream's files leave these to its defaults.
@@ -149,6 +187,12 @@ UPSTREAM_DEFAULTS = {
     "CRD.FEAT.STUDENT_DIM": 256, "CRD.FEAT.TEACHER_DIM": 256, "CRD.LOSS.FEAT_WEIGHT": 0.8,
     "CRD.NCE.K": 16384, "CRD.NCE.MOMENTUM": 0.5, "CRD.NCE.TEMPERATURE": 0.07, "DKD.ALPHA": 1.0,
     "DKD.BETA": 8.0, "DKD.T": 4.0, "DKD.WARMUP": 20, "CAT_KD.IF_BINARIZE": False,
+    "REVIEWKD.CE_WEIGHT": 1.0, "REVIEWKD.REVIEWKD_WEIGHT": 1.0, "REVIEWKD.WARMUP_EPOCHS": 20,
+    "REVIEWKD.SHAPES": [1, 8, 16, 32], "REVIEWKD.OUT_SHAPES": [1, 8, 16, 32],
+    "REVIEWKD.IN_CHANNELS": [64, 128, 256, 256], "REVIEWKD.OUT_CHANNELS": [64, 128, 256, 256],
+    "REVIEWKD.MAX_MID_CHANNEL": 512, "REVIEWKD.STU_PREACT": False, "VID.EPS": 1e-5, "VID.INIT_PRED_VAR": 5.0,
+    "VID.INPUT_SIZE": (32, 32), "VID.LOSS.FEAT_WEIGHT": 1.0, "PKT.LOSS.FEAT_WEIGHT": 30000.0,
+    "SP.LOSS.FEAT_WEIGHT": 3000.0, "NST.LOSS.FEAT_WEIGHT": 50.0, "KDSVD.K": 1, "KDSVD.LOSS.FEAT_WEIGHT": 1.0,
 }
 
 
@@ -168,6 +212,8 @@ def test_defaults_are_upstreams():
     [
         ("configs/cifar100/dkd/res56_res20.yaml", "DKD.BETA", 2.0),
         ("configs/cifar100/crd.yaml", "SOLVER.TRAINER", "crd"),
+        ("configs/cifar100/reviewkd.yaml", "REVIEWKD.REVIEWKD_WEIGHT", 5.0),
+        ("configs/imagenet/r50_mv1/reviewkd.yaml", "REVIEWKD.OUT_CHANNELS", [256, 512, 1024, 2048, 2048]),
         ("CAT_KD/res32x4_shuv1.yaml", "CAT_KD.LOSS.CAT_loss_weight", 600.0),
         ("CAT_KD/res32x4_shuv1.yaml", "CAT_KD.LOSS.CAM_RESOLUTION", 4),
         ("CAT_KD/res32x4_shuv1.yaml", "CAT_KD.IF_NORMALIZE", True),
@@ -194,10 +240,20 @@ PAIRS = {
 }
 CIFAR_METHODS = {
     "kd": "KD", "at": "AT", "fitnet": "FITNET", "rkd": "RKD", "ofd": "OFD", "crd": "CRD", "dkd": "DKD", "cat_kd": "CAT_KD",
+    "reviewkd": "REVIEWKD", "vid": "VID", "pkt": "PKT", "sp": "SP", "nst": "NST", "kdsvd": "KDSVD",
 }
 IMAGENET_METHODS = ["kd", "at", "ofd", "crd", "dkd", "cat_kd"]
 DKD_BETA = {"res56_res20": 2.0, "res110_res32": 2.0, "res32x4_res8x4": 8.0,
             "wrn40_2_wrn16_2": 6.0, "wrn40_2_wrn40_1": 6.0, "vgg13_vgg8": 6.0}
+# ReviewKD's per-pair settings: (IN_CHANNELS, OUT_CHANNELS, SHAPES = OUT_SHAPES)
+REVIEW_SETTINGS = {
+    "res56_res20": ([16, 32, 64, 64], [16, 32, 64, 64], [1, 8, 16, 32]),
+    "res110_res32": ([16, 32, 64, 64], [16, 32, 64, 64], [1, 8, 16, 32]),
+    "res32x4_res8x4": ([64, 128, 256, 256], [64, 128, 256, 256], [1, 8, 16, 32]),
+    "wrn40_2_wrn16_2": ([32, 64, 128, 128], [32, 64, 128, 128], [1, 8, 16, 32]),
+    "wrn40_2_wrn40_1": ([16, 32, 64, 64], [32, 64, 128, 128], [1, 8, 16, 32]),
+    "vgg13_vgg8": ([128, 256, 512, 512, 512], [128, 256, 512, 512, 512], [1, 4, 4, 8, 16]),
+}
 CAT_WEIGHT = {"res56_res20": 0.7, "res110_res32": 1.8, "res32x4_res8x4": 15.0,
               "wrn40_2_wrn16_2": 12.0, "wrn40_2_wrn40_1": 1.5, "vgg13_vgg8": 4.5}
 
@@ -209,6 +265,7 @@ def shipped(dataset, method, name):
 def test_every_method_and_pair_has_its_config_and_nothing_else():
     expected = {shipped("cifar100", m, p) for m in CIFAR_METHODS for p in PAIRS}
     expected |= {shipped("imagenet", m, "r34_r18") for m in IMAGENET_METHODS}
+    expected |= {shipped("imagenet", "reviewkd", name) for name in REVIEWKD_IMAGENET_PAIRS}
     found = {
         f for m in CIFAR_METHODS for f in glob.glob(os.path.join(REPO_ROOT, "configs", "*", m, "*.yaml"))
     }
@@ -232,6 +289,14 @@ def test_cifar_config_recipe_and_values(method, pair):
         cat = cfg.CAT_KD
         assert (cat.LOSS.CAT_loss_weight, cat.LOSS.CAM_RESOLUTION, cat.LOSS.CE_WEIGHT) == (CAT_WEIGHT[pair], 2, 1.0)
         assert (cat.IF_NORMALIZE, cat.onlyCAT, cat.IF_BINARIZE) == (False, False, False)
+    if method == "reviewkd":
+        review = cfg.REVIEWKD
+        in_channels, out_channels, shapes = REVIEW_SETTINGS[pair]
+        assert (review.IN_CHANNELS, review.OUT_CHANNELS, review.SHAPES, review.OUT_SHAPES) == (
+            in_channels, out_channels, shapes, shapes)
+        assert (review.REVIEWKD_WEIGHT, review.WARMUP_EPOCHS, review.STU_PREACT) == (5.0, 20, False)
+    if method == "vid":
+        assert cfg.VID.INPUT_SIZE == (32, 32)
 
 
 @pytest.mark.parametrize("method", sorted(CIFAR_METHODS))
@@ -262,3 +327,33 @@ def test_imagenet_config_values_and_one_step_at_64px(method):
     if method == "cat_kd":
         assert (cfg.CAT_KD.LOSS.CAM_RESOLUTION, cfg.CAT_KD.IF_NORMALIZE) == (4, False)
     one_step(cfg, 64, 1000)
+
+
+REVIEWKD_IMAGENET_PAIRS = {
+    "r34_r18": ("ResNet34", "ResNet18", 1.0, [64, 128, 256, 512, 512]),
+    "r50_mv1": ("ResNet50", "MobileNetV1", 8.0, [256, 512, 1024, 2048, 2048]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REVIEWKD_IMAGENET_PAIRS))
+def test_imagenet_reviewkd_configs_and_one_step_at_224px(name):
+    cfg = load_cfg(shipped("imagenet", "reviewkd", name))
+    teacher, student, weight, out_channels = REVIEWKD_IMAGENET_PAIRS[name]
+    assert (cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT, cfg.REVIEWKD.REVIEWKD_WEIGHT) == (teacher, student, weight)
+    assert (cfg.REVIEWKD.OUT_CHANNELS, cfg.REVIEWKD.WARMUP_EPOCHS, cfg.REVIEWKD.STU_PREACT) == (out_channels, 1, True)
+    assert (cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.LR, cfg.SOLVER.EPOCHS) == (256, 0.1, 100)
+    one_step(cfg, 224, 1000)  # the shapes are 224 px ones: checked against a 224 px probe at build
+
+
+@pytest.mark.parametrize("name", ["reviewkd", "vid", "pkt", "sp", "nst", "kdsvd"])
+def test_upstream_cifar_configs_of_the_feature_baselines_train_one_step(tmp_path, name):
+    losses = one_step(load_cfg(write_upstream(tmp_path, f"configs/cifar100/{name}.yaml")), 32, 100)
+    assert set(losses) == {"loss_ce", "loss_kd"}
+
+
+def test_upstream_r50_mv1_reviewkd_builds_with_its_unread_mid_channel_setting(tmp_path):
+    cfg = load_cfg(write_upstream(tmp_path, "configs/imagenet/r50_mv1/reviewkd.yaml"))
+    models = [imagenet_model_dict[name](pretrained=False) for name in ("MobileNetV1", "ResNet50")]
+    with pytest.warns(UserWarning, match="REVIEWKD.MAX_MID_CHANNEL 256 is ignored, as upstream does"):
+        distiller = distiller_dict["REVIEWKD"](*models, cfg)
+    assert all(abf.conv1[0].out_channels == 512 for abf in distiller.abfs)  # upstream's width

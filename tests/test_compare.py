@@ -147,6 +147,26 @@ def test_table_numbers(results, capsys):
     assert "garbage: worklog.txt holds no epoch" in err
 
 
+FEATURE_BASELINES = ["reviewkd", "vid", "pkt", "sp", "nst", "kdsvd"]
+
+
+def test_upstreams_six_feature_baselines_are_rows_against_the_scratch_student(tmp_path, capsys):
+    # upstream's run folders (its tags) and one of ours, read from its config
+    upstream = tmp_path / "upstream" / "cifar100_baselines"
+    for i, method in enumerate(FEATURE_BASELINES):
+        write_run(upstream / f"{method},res32x4,res8x4", upstream_worklog([70.0, 72.0 + i]))
+    write_run(upstream / "vanilla,res8x4", upstream_worklog([70.0, 71.0]))
+    write_run(tmp_path / "ours" / "reviewkd,resnet56,resnet20", our_worklog([60.0, 70.5]), our_config("REVIEWKD", 2))
+    write_run(tmp_path / "ours" / "vanilla,resnet20", our_worklog([60.0, 69.0]), our_config("NONE", 2))
+    assert compare_main([str(tmp_path / "upstream"), str(tmp_path / "ours")]) == 0
+    rows = {(row[1], row[2]): row for row in table_rows(capsys.readouterr()[0])}
+    for i, method in enumerate(FEATURE_BASELINES):
+        assert rows[("resnet32x4 → resnet8x4", method.upper())][6:10] == [
+            f"{72.0 + i:.2f}", f"{72.0 + i:.2f}", f"{72.0 + i - 71.0:+.2f}", "done"]
+    assert rows[("resnet56 → resnet20", "REVIEWKD")][4] == "config.yaml"
+    assert rows[("resnet56 → resnet20", "REVIEWKD")][8] == "+1.50"
+
+
 def test_csv_has_the_table_numbers(results, tmp_path, capsys):
     table = tmp_path / "table.csv"
     assert compare_main([str(results / "ours" / "cifar100_lakd"), "--csv", str(table)]) == 0

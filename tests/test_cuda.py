@@ -20,6 +20,8 @@ from test_amp import trainer_for
 from test_benchmark import bench_tool  # noqa: F401 (a fixture)
 from test_dataset import make_cfg, tensor_cfg
 from test_distillers import METHODS, build, model
+from test_mdistiller_baselines import SIX
+from test_mdistiller_baselines import build as build_feature_baseline
 from test_distributed import CUDA_SCENARIOS, RANKS, assert_ranks_hold_the_same_weights, free_port, load_rank_results
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -33,7 +35,8 @@ MODES = {
     "channels_last": (["SOLVER.CHANNELS_LAST", True], torch.float32),
 }
 LAKD_OPTS = ["LAKD.LOCATIONS", [1, 2, 3]]  # resnet8's three blocks
-DISTILLERS = ["NONE"] + [m[0] for m in METHODS] + ["LAKD_eager", "LAKD_joint"]
+FEATURE_BASELINES = dict(SIX)  # ReviewKD, VID, PKT, SP, NST, KDSVD: name -> options
+DISTILLERS = ["NONE"] + [m[0] for m in METHODS] + ["LAKD_eager", "LAKD_joint"] + list(FEATURE_BASELINES)
 
 
 def distiller_of(name: str) -> nn.Module:
@@ -42,6 +45,8 @@ def distiller_of(name: str) -> nn.Module:
         return Vanilla(model("resnet8", 1))
     if name.startswith("LAKD"):
         return build("LAKD", "resnet8", "resnet8", *LAKD_OPTS, "LAKD.BACKWARD", name.split("_")[1])[0]
+    if name in FEATURE_BASELINES:
+        return build_feature_baseline(name, *FEATURE_BASELINES[name])
     _, teacher, student, _ = next(m for m in METHODS if m[0] == name)
     return build(name, teacher, student)[0]
 

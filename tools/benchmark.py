@@ -70,6 +70,12 @@ METHODS = {
     "nkd": ("nkd", []),
     "uskd": ("uskd", []),  # teacherless: configs/cifar100/uskd/<the pair's student>.yaml
     "pskd": ("pskd", []),  # teacherless; its 50000 x 100 prediction buffer exists before the first step
+    "reviewkd": ("reviewkd", []),
+    "vid": ("vid", []),
+    "pkt": ("pkt", []),
+    "sp": ("sp", []),
+    "nst": ("nst", []),
+    "kdsvd": ("kdsvd", []),
 }
 CIFAR100_TRAIN_SIZE = 50000  # num_data of the methods that keep per-sample state (PS-KD's buffer)
 PIPELINES = ("torchvision", "tensor")

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import Distiller
+from ._common import pool_to_common_size
 
 
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
@@ -18,11 +19,7 @@ def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
 def single_stage_at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:
     """Mean squared difference of the two attention maps; the larger map is first average-pooled
     to the smaller one's (square) size."""
-    s_h, t_h = f_s.shape[2], f_t.shape[2]
-    if s_h > t_h:
-        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
-    elif s_h < t_h:
-        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    f_s, f_t = pool_to_common_size(f_s, f_t)
     return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
 
 

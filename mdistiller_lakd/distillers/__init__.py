@@ -8,13 +8,19 @@ from .DKD import DKD
 from .FitNet import FitNet
 from .HARD import HARD
 from .KD import KD
+from .KDSVD import KDSVD
 from .LAKD import LAKD
 from .MCMI import MCMI
 from .NKD import NKD
+from .NST import NST
 from .OFD import OFD
+from .PKT import PKT
 from .PSKD import PSKD
+from .ReviewKD import ReviewKD
 from .RKD import RKD
+from .SP import SP
 from .USKD import USKD
+from .VID import VID
 
 distiller_dict = {
     "NONE": Vanilla,
@@ -33,4 +39,10 @@ distiller_dict = {
     "NKD": NKD,
     "USKD": USKD,
     "PSKD": PSKD,
+    "REVIEWKD": ReviewKD,
+    "VID": VID,
+    "PKT": PKT,
+    "SP": SP,
+    "NST": NST,
+    "KDSVD": KDSVD,
 }

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def count_parameters(*modules: nn.Module) -> int:
@@ -83,6 +85,30 @@ class ConvReg(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.conv(x))
         return self.relu(x) if self.use_relu else x
+
+
+def in_float32(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` run outside autocast on float32 copies of its tensor arguments: for losses that
+    half precision distorts (small differences of nearly equal similarities or probabilities)."""
+
+    @functools.wraps(loss_fn)
+    def full_precision(*args, **kwargs):
+        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return full_precision
+
+
+def pool_to_common_size(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two maps with the larger one average-pooled to the smaller one's (square) size."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    return f_s, f_t
 
 
 def probe(model: nn.Module, dataset: str) -> tuple[torch.Tensor, dict]:

@@ -391,6 +391,7 @@ _RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "LOG.SAVE_CHECKPOINT_FREQ": _at_least(1),
     "KD.TEMPERATURE": _above(0),
     "DKD.T": _above(0),
+    "REVIEWKD.WARMUP_EPOCHS": _above(0),
     "LAKD.LOSS.CAM_RESOLUTION": _at_least(1),
 }
 _CHOICES = {
