@@ -210,6 +210,20 @@ def test_extra_modules_carry_upstreams_names():
     assert all(torch.allclose(v, torch.full_like(v, 5.0)) for v in variances)
 
 
+@pytest.mark.parametrize("learn_variance", [False, True])
+def test_vid_variance_trains_only_when_asked(learn_variance):
+    # False: upstream's fixed variances (outside the optimizer, no gradient); True: the paper's
+    vid = build("VID", "VID.LEARN_VARIANCE", learn_variance, teacher="wrn_16_2")
+    learnable = {id(p) for p in vid.get_learnable_parameters()}
+    assert all((id(p) in learnable) == learn_variance for p in vid.log_scales)
+    regressor_count = sum(p.numel() for p in vid.regressors.parameters())
+    scale_count = sum(p.numel() for p in vid.log_scales)
+    assert vid.get_extra_parameters() == regressor_count + (scale_count if learn_variance else 0)
+    _, losses = vid(**batch())
+    sum(losses.values()).backward()
+    assert all((p.grad is not None) == learn_variance for p in vid.log_scales)
+
+
 def test_reviewkd_warms_up_over_warmup_epochs():
     distiller = build("REVIEWKD", *SMALL_REVIEW)  # WARMUP_EPOCHS 20
     assert [distiller.warmup_factor(epoch) for epoch in (1, 10, 20, 25)] == [1 / 20, 0.5, 1.0, 1.0]

@@ -35,8 +35,9 @@ class VID(Distiller):
 
     Each distilled stage has a regressor and a per-channel log-scale, initialised so that the
     variance starts at ``INIT_PRED_VAR``; their channels come from a probe of size ``INPUT_SIZE``.
-    Unlike upstream, whose log-scales sit in a plain list (outside the state dict, never stepped),
-    they are trained, as in the paper, and saved as ``log_scales.<i>``.
+    Upstream keeps the log-scales in a plain list, so they never train: ``VID.LEARN_VARIANCE False``
+    (the default) does the same, so that results compare with upstream's; ``True`` trains them, as
+    in the paper. Either way they are saved as ``log_scales.<i>``.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
@@ -60,13 +61,20 @@ class VID(Distiller):
         self.regressors = nn.ModuleList(regressor(s, t) for s, t in channels)
         # softplus(log_scale) + eps == INIT_PRED_VAR at the start
         initial = math.log(math.exp(cfg.VID.INIT_PRED_VAR - self.eps) - 1.0)
-        self.log_scales = nn.ParameterList(nn.Parameter(torch.full((t,), initial)) for _, t in channels)
+        self.learn_variance = cfg.VID.LEARN_VARIANCE
+        self.log_scales = nn.ParameterList(
+            nn.Parameter(torch.full((t,), initial), requires_grad=self.learn_variance) for _, t in channels
+        )
+
+    def _trained_modules(self) -> list[nn.Module]:
+        return [self.regressors, self.log_scales] if self.learn_variance else [self.regressors]
 
     def get_learnable_parameters(self) -> list[nn.Parameter]:
-        return super().get_learnable_parameters() + list(self.regressors.parameters()) + list(self.log_scales)
+        extra = [p for module in self._trained_modules() for p in module.parameters()]
+        return super().get_learnable_parameters() + extra
 
     def get_extra_parameters(self) -> int:
-        return count_parameters(self.regressors, self.log_scales)
+        return count_parameters(*self._trained_modules())
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
         feats_teacher = self.teacher_outputs(image)[1]["feats"][1:]

@@ -151,6 +151,7 @@ CFG.VID.LOSS.FEAT_WEIGHT = 1.0
 CFG.VID.EPS = 1e-5
 CFG.VID.INIT_PRED_VAR = 5.0
 CFG.VID.INPUT_SIZE = (32, 32)
+CFG.VID.LEARN_VARIANCE = False  # ours: train the log-scales (the paper); upstream keeps them fixed
 
 CFG.CRD = CN()
 CFG.CRD.MODE = "exact"  # ("exact", "relax")
