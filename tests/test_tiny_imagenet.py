@@ -2,6 +2,7 @@
 zoo against upstream's parameter names and shapes, and one KD+DOT epoch through tools/train.py."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from conftest import REPO_ROOT
 from mdistiller_lakd.dataset import DatasetNotFoundError, get_dataset, normalization
 from mdistiller_lakd.engine.cfg import load_cfg
 from mdistiller_lakd.engine.checkpoint import load_checkpoint, save_checkpoint
+from mdistiller_lakd.export import NUM_CLASSES, example_images
 from mdistiller_lakd.models import tiny_imagenet_model_dict
 
 CLASSES = ["n01443537", "n01629819", "n01641577"]  # a few of the 200; the index is the sorted folder order
@@ -107,7 +109,7 @@ def test_teacher_location_is_upstreams():
     assert path == os.path.join(REPO_ROOT, "download_ckpts", "tiny_imagenet_teachers", "ResNet18_vanilla", "ti_res18")
 
 
-def test_kd_dot_trains_one_epoch_on_the_archive_layout(both_layouts, tmp_path):
+def test_kd_dot_trains_one_epoch_on_the_archive_layout(both_layouts, tmp_path, capsys):
     torch.manual_seed(0)
     teacher_path = str(tmp_path / "ti_res18")
     save_checkpoint({"model": tiny_imagenet_model_dict["ResNet18"][0](num_classes=200).state_dict()}, teacher_path)
@@ -127,3 +129,14 @@ def test_kd_dot_trains_one_epoch_on_the_archive_layout(both_layouts, tmp_path):
     buffers = state["optimizer"]["state"][0]
     assert {"momentum_buffer", "momentum_kd_buffer"} <= set(buffers)
     assert load_checkpoint(os.path.join(run_dir, "student_latest"))["dataset"] == "tiny_imagenet"
+    # tools/eval.py reads the student back on the same validation set.
+    evaluate = runpy.run_path(os.path.join(REPO_ROOT, "tools", "eval.py"))["main"]
+    assert evaluate(["-m", "MobileNetV2", "-c", os.path.join(run_dir, "student_latest"), "-d", "tiny_imagenet",
+                     "--root", both_layouts[True], "-bs", "6", "-j", "0"]) == 0
+    test_acc = next(line.split()[1] for line in worklog.splitlines() if line.startswith("test_acc:"))
+    assert f"Top-1: {test_acc}" in capsys.readouterr().out
+
+
+def test_export_knows_the_image_size_and_classes():
+    assert example_images("tiny_imagenet", 2).shape == (2, 3, 64, 64)
+    assert NUM_CLASSES["tiny_imagenet"] == 200
