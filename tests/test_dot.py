@@ -1,5 +1,7 @@
 """DOT (SOLVER.TRAINER dot): the optimizer's update by hand, the trainer's two backward passes,
 fp16 scaling, resume, and the methods it refuses."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +13,7 @@ from mdistiller_lakd.engine.dot import DistillationOrientedTrainer
 from mdistiller_lakd.engine.trainer import Trainer
 from mdistiller_lakd.models import cifar_model_dict
 
+from conftest import REPO_ROOT
 from test_trainer import TinyNet, loaders
 
 LR, MOMENTUM, MOMENTUM_KD, DECAY = 0.1, 0.8, 0.95, 0.01
@@ -144,3 +147,39 @@ def test_methods_without_a_separable_task_loss_are_refused_before_training(tmp_p
     build, why = REFUSED[method]
     with pytest.raises(ConfigError, match=f"SOLVER.TRAINER dot: DISTILLER.TYPE {method} cannot train with DOT: .*{why}"):
         dot_trainer(tmp_path, "DISTILLER.TYPE", method, *opts, distiller=build(cfg))
+
+
+PAIRS = ["res110_res32", "res32x4_res8x4", "res56_res20", "vgg13_vgg8", "wrn40_2_wrn16_2", "wrn40_2_wrn40_1"]
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd"])
+def test_dot_configs_are_the_baselines_trained_with_dot(method):
+    for pair in PAIRS:
+        dot = load_cfg(os.path.join(REPO_ROOT, "configs", "cifar100", "dot", method, f"{pair}.yaml"))
+        base = load_cfg(os.path.join(REPO_ROOT, "configs", "cifar100", method, f"{pair}.yaml"))
+        assert (dot.SOLVER.TRAINER, dot.SOLVER.DOT.DELTA, dot.EXPERIMENT.PROJECT) == ("dot", 0.075, "cifar100_dot")
+        assert dot.EXPERIMENT.TAG == base.EXPERIMENT.TAG.replace(f"{method},", f"{method},dot,", 1)
+        for cfg in (dot, base):
+            cfg.defrost()
+            cfg.SOLVER.TRAINER, cfg.EXPERIMENT.TAG, cfg.EXPERIMENT.PROJECT = "", "", ""
+        assert dot == base
+
+
+# upstream's file names -> (DATASET.TYPE, teacher, student, LR, DOT.DELTA), its values
+UPSTREAM_DOT_FILES = {
+    "configs/cifar100/dot/res32x4_res8x4.yaml": ("cifar100", "resnet32x4", "resnet8x4", 0.05, 0.075),
+    "configs/cifar100/dot/res32x4_shuv2.yaml": ("cifar100", "resnet32x4", "ShuffleV2", 0.01, 0.075),
+    "configs/cifar100/dot/vgg13_vgg8.yaml": ("cifar100", "vgg13", "vgg8", 0.05, 0.075),
+    "configs/tiny_imagenet/dot/r18_mv2.yaml": ("tiny_imagenet", "ResNet18", "MobileNetV2", 0.2, 0.075),
+    "configs/tiny_imagenet/dot/r18_shuv2.yaml": ("tiny_imagenet", "ResNet18", "ShuffleV2", 0.2, 0.075),
+    "configs/imagenet/dot/r34_r18.yaml": ("imagenet", "ResNet34", "ResNet18", 0.2, 0.09),
+    "configs/imagenet/dot/r50_mv1.yaml": ("imagenet", "ResNet50", "MobileNetV1", 0.2, 0.09),
+}
+
+
+@pytest.mark.parametrize("path", list(UPSTREAM_DOT_FILES))
+def test_upstreams_dot_configs_load_with_its_values(path):
+    cfg = load_cfg(os.path.join(REPO_ROOT, path))
+    assert (cfg.DATASET.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT, cfg.SOLVER.LR, cfg.SOLVER.DOT.DELTA) == \
+        UPSTREAM_DOT_FILES[path]
+    assert (cfg.DISTILLER.TYPE, cfg.SOLVER.TRAINER) == ("KD", "dot")
