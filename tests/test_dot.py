@@ -183,3 +183,13 @@ def test_upstreams_dot_configs_load_with_its_values(path):
     assert (cfg.DATASET.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT, cfg.SOLVER.LR, cfg.SOLVER.DOT.DELTA) == \
         UPSTREAM_DOT_FILES[path]
     assert (cfg.DISTILLER.TYPE, cfg.SOLVER.TRAINER) == ("KD", "dot")
+
+
+def test_lakd_joint_backward_trains_with_dot(tmp_path):
+    opts = ["DISTILLER.TYPE", "LAKD", "LAKD.BACKWARD", "joint", "LAKD.LOCATIONS", [1, 2, 3]]
+    distiller = LAKD(resnet8(), resnet8(), load_cfg(None, opts))
+    trainer = dot_trainer(tmp_path, *opts, distiller=distiller)
+    batch = (torch.randn(4, 3, 32, 32), torch.arange(4), torch.arange(4))
+    trainer.train_step(batch, epoch=1, iteration=0)
+    state = trainer.optimizer.state[distiller.student.fc.weight]
+    assert {"momentum_buffer", "momentum_kd_buffer"} <= set(state)
