@@ -193,3 +193,10 @@ def test_lakd_joint_backward_trains_with_dot(tmp_path):
     trainer.train_step(batch, epoch=1, iteration=0)
     state = trainer.optimizer.state[distiller.student.fc.weight]
     assert {"momentum_buffer", "momentum_kd_buffer"} <= set(state)
+
+
+@pytest.mark.parametrize("opts, key", [(["SOLVER.NESTEROV", True], "SOLVER.NESTEROV"),
+                                       (["SOLVER.DOT.DELTA", 0.95], "SOLVER.DOT.DELTA 0.95")])
+def test_dot_solver_settings_it_cannot_honour_are_refused(tmp_path, opts, key):
+    with pytest.raises(ConfigError, match=key):
+        dot_trainer(tmp_path, *opts)

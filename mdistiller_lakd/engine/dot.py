@@ -117,6 +117,9 @@ def dot_optimizer(cfg: CfgNode, params: Iterable[nn.Parameter]) -> DistillationO
     """Upstream's DOT optimizer of a config: momenta ``MOMENTUM -/+ DOT.DELTA`` (task/distillation)."""
     if cfg.SOLVER.NESTEROV:
         raise ConfigError(f"SOLVER.NESTEROV: SOLVER.TRAINER {cfg.SOLVER.TRAINER} has no Nesterov momentum; set it to False")
+    if not 0 <= cfg.SOLVER.DOT.DELTA <= cfg.SOLVER.MOMENTUM:
+        raise ConfigError(f"SOLVER.DOT.DELTA {cfg.SOLVER.DOT.DELTA} must lie in 0..SOLVER.MOMENTUM ({cfg.SOLVER.MOMENTUM}): "
+                          "the task momentum is MOMENTUM - DELTA")
     return DistillationOrientedTrainer(
         params,
         lr=cfg.SOLVER.LR,
