@@ -21,8 +21,8 @@ import torch.nn as nn
 from .dataset.cifar import LAYOUTS
 from .engine.checkpoint import CheckpointError
 
-IMAGE_SIZE = {**{name: 32 for name in LAYOUTS}, "imagenet": 224}
-NUM_CLASSES = {**{name: layout.num_classes for name, layout in LAYOUTS.items()}, "imagenet": 1000}
+IMAGE_SIZE = {**{name: 32 for name in LAYOUTS}, "tiny_imagenet": 64, "imagenet": 224}
+NUM_CLASSES = {**{name: layout.num_classes for name, layout in LAYOUTS.items()}, "tiny_imagenet": 200, "imagenet": 1000}
 # The example batch traced (not 1, which torch.export would specialise); the checks use other batch
 # sizes, so an export with the batch size baked in fails them.
 EXPORT_BATCH = 2

@@ -63,7 +63,7 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
     assert [(r["time_vs_scratch"], r["memory_vs_scratch"]) for r in results] == [(1.0, 1.0), (2.0, 0.8), (1.5, 1.2)]
     assert list(bench_tool.METHODS) == [
         "scratch", "kd", "at", "fitnet", "rkd", "ofd", "crd", "dkd", "cat_kd", "acam_kd", "lakd_eager", "lakd_joint",
-        "nkd", "uskd", "pskd", "reviewkd", "vid", "pkt", "sp", "nst", "kdsvd",
+        "nkd", "uskd", "pskd", "reviewkd", "vid", "pkt", "sp", "nst", "kdsvd", "kd_dot",
     ]
 
 

@@ -34,6 +34,8 @@ SCENARIOS = {
     "vanilla": ("NONE", []),
     "lakd_eager": ("LAKD", ["LAKD.BACKWARD", "eager"]),
     "lakd_joint": ("LAKD", ["LAKD.BACKWARD", "joint"]),
+    # DOT: two backward passes over one forward, each gradient set averaged (the task one is left)
+    "kd_dot": ("KD", ["SOLVER.TRAINER", "dot"]),
 }
 # Also trained across ranks by tests/test_cuda.py (NCCL): a baseline, which DDP wraps.
 CUDA_SCENARIOS = {"kd": ("KD", []), "lakd_eager": SCENARIOS["lakd_eager"]}

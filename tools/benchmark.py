@@ -50,6 +50,7 @@ from mdistiller_lakd.distillers import distiller_dict
 from mdistiller_lakd.engine.build import build_model, make_distiller
 from mdistiller_lakd.engine.cfg import load_cfg
 from mdistiller_lakd.engine.trainer import Trainer
+from mdistiller_lakd.export import IMAGE_SIZE, NUM_CLASSES
 from mdistiller_lakd.lakd.blocks import find_blocks
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +77,7 @@ METHODS = {
     "sp": ("sp", []),
     "nst": ("nst", []),
     "kdsvd": ("kdsvd", []),
+    "kd_dot": ("dot/kd", []),  # KD trained with DOT: two backward passes a step
 }
 CIFAR100_TRAIN_SIZE = 50000  # num_data of the methods that keep per-sample state (PS-KD's buffer)
 PIPELINES = ("torchvision", "tensor")
@@ -133,12 +135,15 @@ def method_config(method: str, pair: str):
     return load_cfg(path, opts)
 
 
-def build(method: str, pair: str, num_classes: int = 100):
+def build(method: str, pair: str):
+    """The method's distiller on the dataset of its config (random weights)."""
     cfg = method_config(method, pair)
-    student = build_model(cfg.DISTILLER.STUDENT, "cifar100", num_classes, "DISTILLER.STUDENT")
+    dataset = cfg.DATASET.TYPE
+    num_classes = NUM_CLASSES[dataset]
+    student = build_model(cfg.DISTILLER.STUDENT, dataset, num_classes, "DISTILLER.STUDENT")
     teacher = None
     if distiller_dict[cfg.DISTILLER.TYPE].requires_teacher:
-        teacher = build_model(cfg.DISTILLER.TEACHER, "cifar100", num_classes, "DISTILLER.TEACHER").eval()
+        teacher = build_model(cfg.DISTILLER.TEACHER, dataset, num_classes, "DISTILLER.TEACHER").eval()
     return make_distiller(cfg, student, teacher, CIFAR100_TRAIN_SIZE, num_classes)
 
 
@@ -155,10 +160,13 @@ def measure(
     """Median step time, images per second and peak memory of ``method`` in this process."""
     torch.manual_seed(0)
     distiller = build(method, pair)
-    batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, 100, (batch_size,)), torch.arange(batch_size))
+    method_cfg = method_config(method, pair)
+    size, num_classes = IMAGE_SIZE[method_cfg.DATASET.TYPE], NUM_CLASSES[method_cfg.DATASET.TYPE]
+    batch = (torch.randn(batch_size, 3, size, size), torch.randint(0, num_classes, (batch_size,)), torch.arange(batch_size))
     batch = tuple(item.to(device) for item in batch)
     with tempfile.TemporaryDirectory() as log_prefix:  # the trainer's logs, unread
-        cfg = load_cfg(None, ["LOG.PREFIX", log_prefix, "SOLVER.AMP", amp, "SOLVER.CHANNELS_LAST", channels_last])
+        cfg = load_cfg(None, ["LOG.PREFIX", log_prefix, "SOLVER.AMP", amp, "SOLVER.CHANNELS_LAST", channels_last,
+                              "SOLVER.TRAINER", method_cfg.SOLVER.TRAINER])
         trainer = Trainer("benchmark", distiller, [batch], [batch[:2]], cfg, device)
         trainer.tf_writer.close()
     trainer.model.train()  # a distiller keeps its teacher in eval mode

@@ -1,8 +1,8 @@
 """Evaluate a saved model on the validation set:
 ``python tools/eval.py -m resnet20 -c output/.../student_best [-d cifar100] [--root ./data] [-bs 64] [--no-ndam]``.
 
-``-c pretrain`` (the default) reads upstream's released teacher of that model (CIFAR-100) or the
-pretrained ImageNet weights.
+``-c pretrain`` (the default) reads upstream's released teacher of that model (CIFAR-100, or
+Tiny-ImageNet's ResNet18 at upstream's location) or the pretrained ImageNet weights.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mdistiller_lakd.engine.build import build_model, load_trained_model
 from mdistiller_lakd.engine.cfg import ConfigError, load_cfg
 from mdistiller_lakd.engine.checkpoint import CheckpointError
 from mdistiller_lakd.engine.utils import log_msg, validate
-from mdistiller_lakd.models import cifar_model_dict
+from mdistiller_lakd.models import zoo_of
 
 
 def load_model(name: str, ckpt: str, dataset: str, num_classes: int, with_ndam: bool = True) -> torch.nn.Module:
@@ -24,7 +24,7 @@ def load_model(name: str, ckpt: str, dataset: str, num_classes: int, with_ndam: 
     it (and ``with_ndam``)."""
     if dataset == "imagenet" and ckpt == "pretrain":
         return build_model(name, dataset, num_classes, "--model", pretrained=True)
-    path = cifar_model_dict[name][1] if ckpt == "pretrain" else ckpt
+    path = zoo_of(dataset)[name][1] if ckpt == "pretrain" else ckpt
     if path is None:
         raise FileNotFoundError(f"--ckpt: upstream releases no checkpoint for '{name}'; give the file with -c")
     return load_trained_model(path, name, dataset, num_classes, "--model", with_ndam)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("evaluate a model on the validation set")
     parser.add_argument("-m", "--model", type=str, required=True, help="architecture, e.g. resnet20")
     parser.add_argument("-c", "--ckpt", type=str, default="pretrain", help="checkpoint file (ours or upstream's)")
-    parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=["cifar100", "cifar10", "imagenet"])
+    parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=["cifar100", "cifar10", "tiny_imagenet", "imagenet"])
     parser.add_argument("--root", type=str, default="./data", help="DATASET.ROOT: where the dataset lives")
     parser.add_argument("-bs", "--batch-size", type=int, default=64)
     parser.add_argument("-j", "--num-workers", type=int, default=2, help="DATASET.NUM_WORKERS")

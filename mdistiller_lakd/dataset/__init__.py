@@ -1,4 +1,5 @@
-"""Training and validation loaders for CIFAR-100, CIFAR-10 and ImageNet, as upstream mdistiller builds them.
+"""Training and validation loaders for CIFAR-100, CIFAR-10, Tiny-ImageNet and ImageNet, as upstream
+mdistiller builds them.
 
 Training batches are ``(image, target, index)``, with CRD's ``contrastive_index`` (B, K + 1) appended
 when DISTILLER.TYPE is CRD; validation batches are ``(image, target)``. DATASET.PIPELINE "tensor"
@@ -12,18 +13,22 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from ..engine.cfg import ConfigError
-from . import cifar, imagenet
+from . import cifar, imagenet, tiny_imagenet
 from .cifar import LAYOUTS, cifar_class_pool, cifar_loaders
 from .cifar_tensor import TensorCifarLoader
 from .common import DatasetNotFoundError
 from .imagenet import imagenet_loaders
+from .tiny_imagenet import tiny_imagenet_loaders
 
 __all__ = ["DatasetNotFoundError", "TensorCifarLoader", "class_pool", "get_dataset", "normalization"]
 
 
+FOLDER_LOADERS = {"imagenet": imagenet_loaders, "tiny_imagenet": tiny_imagenet_loaders}  # image-folder datasets
+
+
 def normalization(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` per channel with which DATASET.TYPE ``kind``'s loaders normalise images."""
-    source = imagenet if kind == "imagenet" else cifar
+    source = {"imagenet": imagenet, "tiny_imagenet": tiny_imagenet}.get(kind, cifar)
     return source.MEAN, source.STD
 
 
@@ -52,11 +57,11 @@ def get_dataset(
     DataLoader batches are always on the CPU.
     """
     kind = cfg.DATASET.TYPE
-    if kind not in LAYOUTS and kind != "imagenet":
-        raise ConfigError(f"DATASET.TYPE {kind!r} is not supported; use one of {sorted(LAYOUTS) + ['imagenet']}")
+    if kind not in LAYOUTS and kind not in FOLDER_LOADERS:
+        raise ConfigError(f"DATASET.TYPE {kind!r} is not supported; use one of {sorted(LAYOUTS) + sorted(FOLDER_LOADERS)}")
     _check_pipeline(cfg)
-    if kind == "imagenet":
-        return imagenet_loaders(cfg)
+    if kind in FOLDER_LOADERS:
+        return FOLDER_LOADERS[kind](cfg)
     return cifar_loaders(cfg, device)
 
 

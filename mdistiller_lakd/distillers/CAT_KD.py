@@ -22,6 +22,8 @@ class CAT_KD(Distiller):
     the teacher's maps and ``IF_NORMALIZE`` L2-normalises the pooled maps, as in CAT-KD.
     """
 
+    task_loss_key = "loss_CE"  # upstream CAT-KD's key
+
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         super().__init__(student, teacher)
         if cfg.CAT_KD.IF_OnlyTransferPartialCAMs:
@@ -33,6 +35,8 @@ class CAT_KD(Distiller):
         self.cat_loss_weight = cfg.CAT_KD.LOSS.CAT_loss_weight
         self.cam_resolution = cfg.CAT_KD.LOSS.CAM_RESOLUTION
         self.only_cat = cfg.CAT_KD.onlyCAT
+        if self.only_cat:
+            self.task_loss_key = None
         self.normalize = cfg.CAT_KD.IF_NORMALIZE
         self.binarize = cfg.CAT_KD.IF_BINARIZE
         self.student_head = HeadMapHook(student)

@@ -38,6 +38,9 @@ class Distiller(nn.Module):
     # under torchrun: DDP must not re-broadcast them from rank 0 at each forward, nor
     # ``Trainer.evaluate`` before validating.
     rank_synced_buffers: tuple[str, ...] = ()
+    # The losses_dict key of the task loss (cross-entropy on the labels) that SOLVER.TRAINER dot
+    # back-propagates apart from the other terms; None when the method has no such term.
+    task_loss_key: str | None = "loss_ce"
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()

@@ -7,7 +7,7 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from ..distillers import distiller_dict
-from ..models import cifar_model_dict, imagenet_model_dict
+from ..models import imagenet_model_dict, zoo_of
 from .cfg import ConfigError
 from .checkpoint import load_checkpoint, load_weights
 from .download import TeacherDownloadError, archive_member, download_released_teachers
@@ -21,8 +21,9 @@ class TeacherNotFoundError(FileNotFoundError):
 
 
 def build_model(name: str, dataset: str, num_classes: int, key: str, pretrained: bool = False) -> nn.Module:
-    """A fresh model ``name`` of the CIFAR or ImageNet zoo; ``key`` is the config key that named it."""
-    zoo = imagenet_model_dict if dataset == "imagenet" else cifar_model_dict
+    """A fresh model ``name`` of the CIFAR, Tiny-ImageNet or ImageNet zoo; ``key`` is the config key
+    that named it."""
+    zoo = imagenet_model_dict if dataset == "imagenet" else zoo_of(dataset)
     if name not in zoo:
         raise ConfigError(f"{key}: unknown {dataset} model '{name}'; known: {', '.join(sorted(zoo))}")
     if dataset == "imagenet":
@@ -58,6 +59,12 @@ def _teacher_not_found(cfg: CfgNode, path: str | None, download_failure: str = "
         return TeacherNotFoundError(
             f"DISTILLER.TEACHER_CKPT: teacher checkpoint not found: {path}\n  - fix the path, or\n  - {train_here}"
         )
+    if dataset == "tiny_imagenet":
+        where = f"not found: {os.path.abspath(path)}" if path else "(upstream has none for this model)"
+        return TeacherNotFoundError(
+            f"Tiny-ImageNet teacher checkpoint for '{name}' {where}\n"
+            f"  - put upstream mdistiller's Tiny-ImageNet teacher checkpoint at that path, or\n  - {train_here}"
+        )
     if path is None:
         return TeacherNotFoundError(
             f"no released {dataset} teacher checkpoint for '{name}' (upstream mdistiller releases CIFAR-100 "
@@ -90,9 +97,9 @@ def load_teacher(cfg: CfgNode, num_classes: int) -> nn.Module:
         return build_model(name, dataset, num_classes, "DISTILLER.TEACHER", pretrained=True).eval()
     model = build_model(name, dataset, num_classes, "DISTILLER.TEACHER")
     path = cfg.DISTILLER.TEACHER_CKPT
-    if not path and dataset == "cifar100":
-        path = cifar_model_dict[name][1]
-        if path and not os.path.isfile(path) and cfg.DISTILLER.TEACHER_URL:
+    if not path and dataset in ("cifar100", "tiny_imagenet"):
+        path = zoo_of(dataset)[name][1]
+        if path and not os.path.isfile(path) and cfg.DISTILLER.TEACHER_URL and dataset == "cifar100":
             try:
                 download_released_teachers(cfg.DISTILLER.TEACHER_URL, path)
             except TeacherDownloadError as error:

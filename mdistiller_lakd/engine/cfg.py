@@ -38,7 +38,7 @@ CFG.EXPERIMENT.SEED = 0  # ours: seeds python, numpy and torch; -1 leaves them u
 
 # Dataset
 CFG.DATASET = CN()
-CFG.DATASET.TYPE = "cifar100"  # cifar100 | cifar10 | imagenet
+CFG.DATASET.TYPE = "cifar100"  # cifar100 | cifar10 | tiny_imagenet | imagenet
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.ROOT = "./data"  # ours: where the dataset files live
 CFG.DATASET.DOWNLOAD = True  # ours: fetch CIFAR with torchvision when missing (as upstream)

@@ -36,6 +36,7 @@ from .cfg import ConfigError
 from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .metrics import extracurricular_knowledge, top1_agreement
+from .steps import SUPPORTED_TRAINERS, build_optimizer, build_step
 from .utils import (
     AverageMeter, accuracy, amp_dtype, get_rng_state, learning_rate, log_msg, set_rng_state, validate,
 )
@@ -44,7 +45,6 @@ from .utils import (
 BATCH_ITEMS = ("image", "target", "index", "contrastive_index")
 WORKLOG_RULE = "-" * 25  # separates the worklog's per-epoch blocks, as upstream
 WORKLOG_DIGITS = {"test_cmi": 4}  # decimals of a worklog value; upstream's 2 for the others
-SUPPORTED_TRAINERS = ("base", "crd")  # upstream's SOLVER.TRAINER values this loop covers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,13 +87,9 @@ class Trainer:
         self.train_loader = distributed.shard_train_loader(train_loader, cfg.EXPERIMENT.SEED)
         self.val_loader = val_loader
         self.is_main = distributed.is_main_process()
-        self.optimizer = torch.optim.SGD(
-            distiller.get_learnable_parameters(),
-            lr=cfg.SOLVER.LR,
-            momentum=cfg.SOLVER.MOMENTUM,
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-            nesterov=cfg.SOLVER.NESTEROV,
-        )
+        self.optimizer = build_optimizer(cfg, distiller)
+        # The backward pass(es) and step of SOLVER.TRAINER (dot: the task loss apart).
+        self.optimization_step = build_step(cfg, self)
         self.best_acc = -1.0
         self.teacher_predictions = None  # (predictions, targets) on the validation set, computed once
         self.vis_images = None  # the validation images of the distiller's epoch_images, fetched once
@@ -200,13 +196,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             logits, losses_dict = self.model(epoch=epoch, **inputs)
-        loss = sum(term.mean() for term in losses_dict.values())
         loss_values = self._loss_values(losses_dict)
         self._check_finite(loss_values, epoch, iteration)
-        self.scaler.scale(loss).backward()  # scale: the identity unless fp16
-        self.after_backward()
-        self.scaler.step(self.optimizer)  # fp16: unscales, and skips the step on inf/NaN gradients
-        self.scaler.update()
+        self.optimization_step(losses_dict)
         return logits.detach(), inputs["target"], loss_values
 
     def autocast(self) -> torch.autocast:

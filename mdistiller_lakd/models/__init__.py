@@ -1,8 +1,10 @@
-"""The model zoos: ``cifar_model_dict[name] = (constructor, teacher_checkpoint_or_None)`` and
-``imagenet_model_dict[name] = constructor``, with upstream mdistiller's names.
+"""The model zoos: ``cifar_model_dict[name]`` and ``tiny_imagenet_model_dict[name]`` =
+``(constructor, teacher_checkpoint_or_None)``, and ``imagenet_model_dict[name] = constructor``, with
+upstream mdistiller's names.
 
 Teacher checkpoints live where upstream keeps them, ``<repo>/download_ckpts/cifar_teachers/``
-(the extracted ``cifar_teachers.tar`` of upstream's release).
+(the extracted ``cifar_teachers.tar`` of upstream's release) and
+``<repo>/download_ckpts/tiny_imagenet_teachers/ResNet18_vanilla/ti_res18``.
 """
 import os
 
@@ -12,9 +14,11 @@ from .cifar import (
     wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2,
 )
 from .imagenet import mobilenet_v1, resnet18, resnet34, resnet50, resnet101
+from .tiny_imagenet import mobilenetv2_tinyimagenet, shufflev2_tinyimagenet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 cifar100_model_prefix = os.path.join(REPO_ROOT, "download_ckpts", "cifar_teachers")
+tiny_imagenet_model_prefix = os.path.join(REPO_ROOT, "download_ckpts", "tiny_imagenet_teachers")
 
 
 def _teacher(name: str) -> str:
@@ -49,6 +53,12 @@ cifar_model_dict = {
     "ShuffleV2": (ShuffleV2, None),
 }
 
+tiny_imagenet_model_dict = {
+    "ResNet18": (ResNet18, os.path.join(tiny_imagenet_model_prefix, "ResNet18_vanilla", "ti_res18")),
+    "MobileNetV2": (mobilenetv2_tinyimagenet, None),
+    "ShuffleV2": (shufflev2_tinyimagenet, None),
+}
+
 imagenet_model_dict = {
     "ResNet18": resnet18,
     "ResNet34": resnet34,
@@ -56,3 +66,8 @@ imagenet_model_dict = {
     "ResNet101": resnet101,
     "MobileNetV1": mobilenet_v1,
 }
+
+
+def zoo_of(dataset: str) -> dict:
+    """The ``(constructor, teacher_checkpoint)`` zoo of a 32x32 or 64x64 DATASET.TYPE."""
+    return tiny_imagenet_model_dict if dataset == "tiny_imagenet" else cifar_model_dict

@@ -67,8 +67,13 @@ class DownBlock(nn.Module):
 
 
 class ShuffleNetV2(ShuffleNetHelpers, nn.Module):
-    def __init__(self, out_channels: list[int], num_blocks: list[int], num_classes: int = 100):
+    """``global_pool``: average the head over whatever spatial size it has (Tiny-ImageNet's 64x64
+    gives 8x8) instead of upstream's fixed 4x4 window, which fits CIFAR's 32x32 only."""
+
+    def __init__(self, out_channels: list[int], num_blocks: list[int], num_classes: int = 100,
+                 global_pool: bool = False):
         super().__init__()
+        self.global_pool = global_pool
         self.conv1 = conv1x1(3, STEM_CHANNELS)
         self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
         in_channels = STEM_CHANNELS
@@ -87,9 +92,10 @@ class ShuffleNetV2(ShuffleNetHelpers, nn.Module):
     def forward(self, x: torch.Tensor):
         features = self._run_stages(x)
         head = F.relu(self.bn2(self.conv2(features["feats"][-1])))
-        features["pooled_feat"] = torch.flatten(F.avg_pool2d(head, 4), 1)
+        pooled = F.adaptive_avg_pool2d(head, 1) if self.global_pool else F.avg_pool2d(head, 4)
+        features["pooled_feat"] = torch.flatten(pooled, 1)
         return self.linear(features["pooled_feat"]), features
 
 
-def ShuffleV2(num_classes: int = 100) -> ShuffleNetV2:
-    return ShuffleNetV2([116, 232, 464, 1024], [3, 7, 3], num_classes)
+def ShuffleV2(num_classes: int = 100, global_pool: bool = False) -> ShuffleNetV2:
+    return ShuffleNetV2([116, 232, 464, 1024], [3, 7, 3], num_classes, global_pool)
