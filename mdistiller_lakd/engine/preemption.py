@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,16 +38,19 @@ class StopSignals:
 
     Use as a context manager around the training loop: the handlers are installed on entry (in the
     main thread only: Python's handlers live there) and the previous ones restored on exit.
+    ``clock`` gives the time in seconds.
     """
 
-    def __init__(self, checkpoint_minutes: float, device: torch.device) -> None:
+    def __init__(self, checkpoint_minutes: float, device: torch.device, clock: Callable[[], float]) -> None:
         self.interval = checkpoint_minutes * 60.0  # seconds; 0 = no clock checkpoints
         self.device = device
+        self.clock = clock
         self.signal_name: str | None = None  # the first stop signal received
         self.last_checkpoint: float | None = None  # clock time of the last checkpoint (or of the start)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
+        self.last_checkpoint = self.clock()
         if threading.current_thread() is threading.main_thread():
             self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
         return self
@@ -61,11 +65,12 @@ class StopSignals:
         if self.signal_name is None:
             self.signal_name = signal.Signals(number).name
 
-    def decide(self, now: float) -> int:
+    def decide(self) -> int:
         """At a step (or epoch) boundary: ``STOP`` after a signal (on any rank), ``CHECKPOINT`` when
         ``SOLVER.CHECKPOINT_MINUTES`` have passed since the last checkpoint (on any rank's clock),
         else ``CONTINUE``; the same answer on every rank."""
-        if self.last_checkpoint is None:
+        now = self.clock()
+        if self.last_checkpoint is None:  # outside the context manager (a lone training pass)
             self.last_checkpoint = now
         wanted = CONTINUE
         if self.signal_name is not None:
@@ -80,6 +85,6 @@ class StopSignals:
                 self.signal_name = "a signal to another rank"
         return wanted
 
-    def checkpointed(self, now: float) -> None:
-        """A checkpoint was written at ``now``: the clock counts from there."""
-        self.last_checkpoint = now
+    def checkpointed(self) -> None:
+        """A checkpoint was just written: the clock counts from now."""
+        self.last_checkpoint = self.clock()

@@ -103,7 +103,7 @@ class Trainer:
         self.teacher_predictions = None  # (predictions, targets) on the validation set, computed once
         self.vis_images = None  # the validation images of the distiller's epoch_images, fetched once
         self.clock = time.perf_counter  # what timings read; tests substitute a fake clock
-        self.stop_signals = StopSignals(cfg.SOLVER.CHECKPOINT_MINUTES, self.device)
+        self.stop_signals = StopSignals(cfg.SOLVER.CHECKPOINT_MINUTES, self.device, lambda: self.clock())
         self.resume_position = None  # a mid-epoch `latest`'s position, for the next train_pass
 
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
@@ -138,8 +138,8 @@ class Trainer:
         with self.stop_signals:
             for epoch in range(first_epoch, self.cfg.SOLVER.EPOCHS + 1):
                 self.train_epoch(epoch)
-                self.stop_signals.checkpointed(self.clock())  # `latest` was just written
-                if epoch < self.cfg.SOLVER.EPOCHS and self.stop_signals.decide(self.clock()) == STOP:
+                self.stop_signals.checkpointed()  # `latest` was just written
+                if epoch < self.cfg.SOLVER.EPOCHS and self.stop_signals.decide() == STOP:
                     self._stop(f"after epoch {epoch}")
         if not self.is_main:
             return
@@ -204,7 +204,7 @@ class Trainer:
                 "TRAIN",
             ))
             bar.update()
-            self._checkpoint_if_asked(epoch, iteration + 1, meters, step_end)
+            self._checkpoint_if_asked(epoch, iteration + 1, meters)
         bar.close()
         return meters
 
@@ -417,10 +417,10 @@ class Trainer:
         for name, obj in files:
             save_checkpoint(obj, os.path.join(self.log_path, name))
 
-    def _checkpoint_if_asked(self, epoch: int, steps_done: int, meters: dict[str, AverageMeter], now: float) -> None:
+    def _checkpoint_if_asked(self, epoch: int, steps_done: int, meters: dict[str, AverageMeter]) -> None:
         """At a step boundary: a mid-epoch `latest` when the clock or a signal asks for one (every
         rank agrees); after a signal the run then stops."""
-        action = self.stop_signals.decide(now)
+        action = self.stop_signals.decide()
         if action == CONTINUE:
             return
         if self.is_main:
@@ -430,7 +430,7 @@ class Trainer:
                 "meters": {name: vars(meter).copy() for name, meter in meters.items()},
             }
             save_checkpoint(state, os.path.join(self.log_path, "latest"))
-        self.stop_signals.checkpointed(now)
+        self.stop_signals.checkpointed()
         if action == STOP:
             self._stop(f"at epoch {epoch}, step {steps_done}/{len(self.train_loader)}")
 
