@@ -31,7 +31,7 @@ from mdistiller_lakd.grid.cells import load_grid
 from mdistiller_lakd.models import cifar_model_dict
 from test_distributed import free_port
 from test_grid import TINY, working_directory
-from test_trainer import RUN_NAME, finished_run, run_train, worklog_blocks, write_config  # noqa: F401 (fixture)
+from test_trainer import KILL_MID_EPOCH, RUN_NAME, finished_run, run_train, worklog_blocks, write_config  # noqa: F401 (fixture)
 
 STEPS = 3  # per epoch: 24 training images, batches of 8
 METHODS = {
@@ -41,16 +41,7 @@ METHODS = {
     "HARD": ("configs/cifar100/hard/res56_res20.yaml", []),
 }
 # Patch run inside tools/train.py's process: SIGTERM to itself during step 2 of epoch 1.
-SIGTERM_MID_EPOCH = """
-import os, signal
-from mdistiller_lakd.engine.trainer import Trainer
-train_step = Trainer.train_step
-def signalled_step(self, batch, epoch, iteration):
-    if epoch == 1 and iteration == 1:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return train_step(self, batch, epoch, iteration)
-Trainer.train_step = signalled_step
-"""
+SIGTERM_MID_EPOCH = KILL_MID_EPOCH.replace("epoch == 2", "epoch == 1").replace("SIGKILL", "SIGTERM")
 
 
 class Killed(BaseException):
