@@ -31,7 +31,9 @@ from mdistiller_lakd.grid.cells import load_grid
 from mdistiller_lakd.models import cifar_model_dict
 from test_distributed import free_port
 from test_grid import TINY, working_directory
-from test_trainer import KILL_MID_EPOCH, RUN_NAME, finished_run, run_train, worklog_blocks, write_config  # noqa: F401 (fixture)
+from test_trainer import (  # noqa: F401 (finished_run: a fixture)
+    KILL_MID_EPOCH, RUN_NAME, finished_run, run_train, worklog_blocks, write_config,
+)
 
 STEPS = 3  # per epoch: 24 training images, batches of 8
 METHODS = {

@@ -23,7 +23,10 @@ from . import distributed
 # sysexits.h's EX_TEMPFAIL ("a temporary failure; the user is invited to retry"): the run stopped
 # on a signal after writing its `latest`, and resuming it continues where it stopped.
 REQUEUE_EXIT_STATUS = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# Those this platform has (Windows lacks SIGUSR1 and SIGUSR2).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
 
 # What ``decide`` answers, ordered so that the maximum over the ranks is what they all do.
 CONTINUE, CHECKPOINT, STOP = 0, 1, 2

@@ -475,7 +475,8 @@ class Trainer:
         if position:
             self.resume_position = {**position, "rng": state["rng"]}
         if self.is_main:
-            where = f"at epoch {position['epoch']}, step {position['step']}" if position else f"after epoch {state['epoch']}"
+            where = (f"at epoch {position['epoch']}, step {position['step']}" if position
+                     else f"after epoch {state['epoch']}")
             print(log_msg(f"Resuming {self.log_path} {where}", "INFO"))
         return state["epoch"]
 
