@@ -2,6 +2,9 @@
 
 On several GPUs (or CPU processes): ``torchrun --nproc_per_node=N tools/train.py --cfg ...``, with
 SOLVER.BATCH_SIZE the global batch (see mdistiller_lakd/engine/distributed.py).
+
+Exit status: 0 finished, 1 non-finite loss, 2 bad config or files, 75 (``REQUEUE_EXIT_STATUS``)
+stopped by a signal after writing a mid-epoch ``latest``: run again with --resume (docs/preemption.md).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from mdistiller_lakd.engine import distributed
 from mdistiller_lakd.engine.build import build_distiller
 from mdistiller_lakd.engine.cfg import ConfigError, check_values, dump_cfg, load_cfg
 from mdistiller_lakd.engine.checkpoint import CheckpointError
+from mdistiller_lakd.engine.preemption import REQUEUE_EXIT_STATUS, TrainingStopped
 from mdistiller_lakd.engine.trainer import NonFiniteLossError, Trainer
 from mdistiller_lakd.engine.utils import experiment_name, log_msg, seed_everything
 
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as stopped:
+        distributed.shutdown()  # every rank waits until the main one has written `latest`
+        print(log_msg(str(stopped), "INFO"), file=sys.stderr)
+        return REQUEUE_EXIT_STATUS
     return 0
 
 

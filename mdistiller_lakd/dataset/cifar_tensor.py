@@ -35,7 +35,8 @@ class TensorCifarLoader:
 
     The training order and augmentation of an epoch come from a CPU ``torch.Generator`` seeded with
     ``seed + epoch``, so runs repeat on any device. Call ``set_epoch`` before iterating, as with
-    DistributedSampler; without it each pass moves on to the next epoch by itself.
+    DistributedSampler; without it each pass moves on to the next epoch by itself. ``resume_at``
+    starts the next pass after the batches a stopped run trained on (engine/resumable.py).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class TensorCifarLoader:
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.skip_batches = 0  # of the next training pass (resume_at)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1).to(self.images.device)
         self.std = torch.tensor(std).view(1, 3, 1, 1).to(self.images.device)
 
@@ -63,6 +65,13 @@ class TensorCifarLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def position_state(self) -> dict:
+        return {"seed": self.seed}  # drawn at random for a negative EXPERIMENT.SEED
+
+    def resume_at(self, batches: int, state: dict) -> None:
+        self.seed = state["seed"]
+        self.skip_batches = batches
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         # The same float32 operations as ToTensor + Normalize, hence the same values.
@@ -80,7 +89,8 @@ class TensorCifarLoader:
         order = torch.randperm(num_data, generator=generator).to(device)
         shifts = torch.randint(0, 2 * PAD + 1, (num_data, 2), generator=generator).to(device)
         flips = (torch.rand(num_data, generator=generator) < 0.5).to(device)
-        for start in range(0, num_data, self.batch_size):
+        first, self.skip_batches = self.skip_batches * self.batch_size, 0
+        for start in range(first, num_data, self.batch_size):
             window = slice(start, start + self.batch_size)
             index = order[window]
             images = random_crop_and_flip(self.images[index], shifts[window], flips[window])

@@ -72,10 +72,14 @@ class HARD(Distiller):
         return list(self.augmentor.parameters())
 
     def get_extra_state(self) -> dict:
-        return {"augmentor_optimizer": self.augmentor_optimizer.state_dict()}
+        # The epoch's sums too: a mid-epoch checkpoint resumes the epoch's metrics where they were.
+        return {"augmentor_optimizer": self.augmentor_optimizer.state_dict(),
+                "epoch_sums": dict(self._epoch_sums), "epoch_updates": self._epoch_updates}
 
     def set_extra_state(self, state: dict) -> None:
         self.augmentor_optimizer.load_state_dict(state["augmentor_optimizer"])
+        self._epoch_sums.update(state.get("epoch_sums", {}))  # absent in older checkpoints
+        self._epoch_updates = state.get("epoch_updates", 0)
 
     def disagreement_and_shift(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D, R)`` on one draw: D = T^2 KL(t(x~) || s(x~)) at the KD temperature, R = KL(t(x) || t(x~))."""

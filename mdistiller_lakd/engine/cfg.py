@@ -75,6 +75,7 @@ CFG.SOLVER.SCHEDULER = "step"  # ours: step (LR_DECAY_STAGES) | linear | cosine
 CFG.SOLVER.AMP = ""  # ours: "" | "bf16" | "fp16"
 CFG.SOLVER.CHANNELS_LAST = False  # ours
 CFG.SOLVER.SYNC_BN = False  # ours: SyncBatchNorm under torchrun
+CFG.SOLVER.CHECKPOINT_MINUTES = 0  # ours: a mid-epoch `latest` every N minutes; 0 = off (docs/preemption.md)
 CFG.SOLVER.DOT = CN()
 CFG.SOLVER.DOT.DELTA = 0.075
 
@@ -390,6 +391,7 @@ _RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "SOLVER.WEIGHT_DECAY": _at_least(0),
     "SOLVER.MOMENTUM": ("in [0, 1)", lambda value: 0 <= value < 1),
     "LOG.SAVE_CHECKPOINT_FREQ": _at_least(1),
+    "SOLVER.CHECKPOINT_MINUTES": _at_least(0),
     "KD.TEMPERATURE": _above(0),
     "DKD.T": _above(0),
     "REVIEWKD.WARMUP_EPOCHS": _above(0),

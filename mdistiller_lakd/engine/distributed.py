@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from yacs.config import CfgNode
 
 from .cfg import ConfigError
+from .resumable import ResumableLoader
 
 MAIN_RANK = 0
 
@@ -96,28 +97,13 @@ def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
 # Data: each rank's share of a global batch
 
 
-class ShardedLoader:
+class ShardedLoader(ResumableLoader):
     """A DataLoader rebuilt around a ``DistributedSampler``: every epoch a fresh shuffle (seeded by
     ``seed`` and the epoch) split across the ranks, ``batch_size / world`` samples per rank."""
 
     def __init__(self, loader: DataLoader, num_ranks: int, rank_index: int, seed: int) -> None:
-        self.sampler = DistributedSampler(loader.dataset, num_ranks, rank_index, shuffle=True, seed=seed)
-        self.loader = DataLoader(
-            loader.dataset,
-            batch_size=loader.batch_size // num_ranks,
-            sampler=self.sampler,
-            num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory,
-        )
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator:
-        return iter(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        sampler = DistributedSampler(loader.dataset, num_ranks, rank_index, shuffle=True, seed=seed)
+        super().__init__(loader, sampler, loader.batch_size // num_ranks)
 
 
 class GlobalBatchSplit:
@@ -139,6 +125,12 @@ class GlobalBatchSplit:
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
+
+    def position_state(self) -> dict:
+        return self.loader.position_state()
+
+    def resume_at(self, batches: int, state: dict) -> None:
+        self.loader.resume_at(batches, state)
 
 
 def shard_train_loader(loader, seed: int):

@@ -5,7 +5,10 @@ Output folder ``LOG.PREFIX/<experiment name>`` (see ``utils.experiment_name``):
 run's full config), and checkpoints
 ``latest``, ``best``, ``epoch_N`` (whole distiller, optimizer, epoch, best accuracy, RNG states) and
 ``student_latest``, ``student_best``, ``student_N`` (the student's weights, architecture, dataset).
-``latest`` is written last in an epoch: it is the point a killed run resumes from.
+``latest`` is written last in an epoch: it is the point a killed run resumes from. A signal
+(SIGTERM, SIGINT, SIGUSR1, SIGUSR2) or ``SOLVER.CHECKPOINT_MINUTES`` also writes it at a step
+boundary, with the epoch's position (``preemption.py``, ``resumable.py``); a signal then ends the run
+(``TrainingStopped``), and a resume continues at the next step, bit-exactly on the CPU.
 A fresh run (not a resumed one) first calls the distiller's ``on_train_start(train_loader)`` and
 logs what it returns (MCMI: its initial centroids and CMI); every epoch logs ``test_cmi``, the
 conditional mutual information of the validation outputs. A distiller's ``epoch_metrics`` join the
@@ -36,6 +39,8 @@ from .cfg import ConfigError
 from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .metrics import extracurricular_knowledge, top1_agreement
+from .preemption import CONTINUE, STOP, StopSignals, TrainingStopped
+from .resumable import resumable_loader
 from .steps import SUPPORTED_TRAINERS, build_optimizer, build_step
 from .utils import (
     AverageMeter, accuracy, amp_dtype, get_rng_state, learning_rate, log_msg, set_rng_state, validate,
@@ -84,7 +89,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if getattr(distiller, "local_backward", False):
             distiller.grad_scaler = self.scaler  # its local losses must be scaled like the final one
-        self.train_loader = distributed.shard_train_loader(train_loader, cfg.EXPERIMENT.SEED)
+        self.train_loader = resumable_loader(distributed.shard_train_loader(train_loader, cfg.EXPERIMENT.SEED))
         self.val_loader = val_loader
         self.is_main = distributed.is_main_process()
         self.optimizer = build_optimizer(cfg, distiller)
@@ -94,6 +99,8 @@ class Trainer:
         self.teacher_predictions = None  # (predictions, targets) on the validation set, computed once
         self.vis_images = None  # the validation images of the distiller's epoch_images, fetched once
         self.clock = time.perf_counter  # what timings read; tests substitute a fake clock
+        self.stop_signals = StopSignals(cfg.SOLVER.CHECKPOINT_MINUTES, self.device, lambda: self.clock())
+        self.resume_position = None  # a mid-epoch `latest`'s position, for the next train_pass
 
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
         self.worklog_path = os.path.join(self.log_path, "worklog.txt")
@@ -124,8 +131,12 @@ class Trainer:
     def train(self, resume: bool = False) -> None:
         """Train epochs 1..SOLVER.EPOCHS, or, with ``resume``, the epochs after ``latest``'s."""
         first_epoch = self._resume() + 1 if resume else self._start_fresh()
-        for epoch in range(first_epoch, self.cfg.SOLVER.EPOCHS + 1):
-            self.train_epoch(epoch)
+        with self.stop_signals:
+            for epoch in range(first_epoch, self.cfg.SOLVER.EPOCHS + 1):
+                self.train_epoch(epoch)
+                self.stop_signals.checkpointed()  # `latest` was just written
+                if epoch < self.cfg.SOLVER.EPOCHS and self.stop_signals.decide() == STOP:
+                    self._stop(f"after epoch {epoch}")
         if not self.is_main:
             return
         print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
@@ -160,10 +171,15 @@ class Trainer:
         if set_epoch is not None:  # the epoch's shuffle (tensor pipeline, DistributedSampler): resumes repeat it
             set_epoch(epoch)
         num_iter = len(self.train_loader)
-        bar = tqdm(total=num_iter, leave=False, disable=not self.is_main)
+        position, self.resume_position = self.resume_position, None
+        first = self._continue_from(position, meters) if position else 0
+        bar = tqdm(total=num_iter, initial=first, leave=False, disable=not self.is_main)
         self.model.train()
+        batches = iter(self.train_loader)
+        if position:  # the RNG as at the stopped step, which came after the iterator's own draws
+            set_rng_state(position["rng"])
         step_end = self.clock()
-        for iteration, batch in enumerate(self.train_loader):
+        for iteration, batch in enumerate(batches, first):
             arrival = self.clock()
             meters["data_time"].update(arrival - step_end)  # the wait for this batch
             logits, target, loss_values = self.train_step(batch, epoch, iteration)
@@ -184,6 +200,7 @@ class Trainer:
                 "TRAIN",
             ))
             bar.update()
+            self._checkpoint_if_asked(epoch, iteration + 1, meters)
         bar.close()
         return meters
 
@@ -367,17 +384,20 @@ class Trainer:
             checkpoint.update(extras())
         return checkpoint
 
-    def _save(self, epoch: int, improved: bool) -> None:
-        if not self.is_main:
-            return
-        state = {
-            "epoch": epoch,
+    def _training_state(self, epochs_done: int) -> dict:
+        return {
+            "epoch": epochs_done,
             "model": self.distiller.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "grad_scaler": self.scaler.state_dict(),  # fp16's loss scale; empty otherwise
             "best_acc": self.best_acc,
             "rng": get_rng_state(),
         }
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        if not self.is_main:
+            return
+        state = self._training_state(epoch)
         student = self._student_checkpoint()
         files = []
         if improved:
@@ -388,6 +408,39 @@ class Trainer:
         files += [("student_latest", student), ("latest", state)]
         for name, obj in files:
             save_checkpoint(obj, os.path.join(self.log_path, name))
+
+    def _checkpoint_if_asked(self, epoch: int, steps_done: int, meters: dict[str, AverageMeter]) -> None:
+        """At a step boundary: a mid-epoch `latest` when the clock or a signal asks for one (every
+        rank agrees); after a signal the run then stops."""
+        action = self.stop_signals.decide()
+        if action == CONTINUE:
+            return
+        if self.is_main:
+            state = self._training_state(epoch - 1)
+            state["position"] = {
+                "epoch": epoch, "step": steps_done, "loader": self.train_loader.position_state(),
+                "meters": {name: vars(meter).copy() for name, meter in meters.items()},
+            }
+            save_checkpoint(state, os.path.join(self.log_path, "latest"))
+        self.stop_signals.checkpointed()
+        if action == STOP:
+            self._stop(f"at epoch {epoch}, step {steps_done}/{len(self.train_loader)}")
+
+    def _stop(self, where: str) -> None:
+        if self.is_main:
+            self.tf_writer.flush()
+        raise TrainingStopped(
+            f"stopped by {self.stop_signals.signal_name} {where}; {os.path.join(self.log_path, 'latest')} holds "
+            "the run there: continue it with --resume"
+        )
+
+    def _continue_from(self, position: dict, meters: dict[str, AverageMeter]) -> int:
+        """Restore the epoch's meters and the loader's position from a mid-epoch `latest`; returns
+        the number of steps it had done."""
+        for name, values in position["meters"].items():
+            meters.setdefault(name, AverageMeter()).__dict__.update(values)
+        self.train_loader.resume_at(position["step"], position["loader"])
+        return position["step"]
 
     def _start_fresh(self) -> int:
         if self.is_main and os.path.exists(os.path.join(self.log_path, "latest")):
@@ -410,8 +463,13 @@ class Trainer:
         self.best_acc = state["best_acc"]
         set_rng_state(state["rng"])
         self._truncate_worklog(last_epoch=state["epoch"])
+        position = state.get("position")  # only in a mid-epoch `latest`
+        if position:
+            self.resume_position = {**position, "rng": state["rng"]}
         if self.is_main:
-            print(log_msg(f"Resuming {self.log_path} after epoch {state['epoch']}", "INFO"))
+            where = (f"at epoch {position['epoch']}, step {position['step']}" if position
+                     else f"after epoch {state['epoch']}")
+            print(log_msg(f"Resuming {self.log_path} {where}", "INFO"))
         return state["epoch"]
 
     def _truncate_worklog(self, last_epoch: int) -> None:

@@ -1,5 +1,6 @@
 """The local executor: a queue of cells over the visible GPUs, one run per GPU at a time (one at a
-time on the CPU when there is no GPU), with a progress line after every start and finish."""
+time on the CPU when there is no GPU), with a progress line after every start and finish. A cell
+that stopped on a signal (exit status ``REQUEUE_EXIT_STATUS``) goes back to the front of the queue."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ..engine.cfg import ConfigError
+from ..engine.preemption import REQUEUE_EXIT_STATUS
 from .cells import SKIP, Cell, CellRun, cell_state, last_log_line
 
 POLL_SECONDS = 0.5
@@ -84,6 +86,10 @@ class LocalQueue:
     def _finish(self, slot: str, job: _Running) -> None:
         del self.running[slot]
         status, cell = job.run.wait(), job.run.cell
+        if status == REQUEUE_EXIT_STATUS:  # stopped by a signal, its `latest` written where it stopped
+            self.pending.appendleft(cell)
+            self._print(f"stopped {cell.name} by a signal; restarting it from its `latest`")
+            return
         self.statuses[cell.name] = status
         self.done += 1
         elapsed = time.monotonic() - job.started

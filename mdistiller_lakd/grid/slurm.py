@@ -1,11 +1,13 @@
 """The Slurm executor: one job per cell, submitted as a job array with submitit (the ``slurm``
-extra). A job requeued after preemption or its time limit runs the cell again, which then resumes
-from the run's ``latest`` checkpoint; ``cluster="local"`` or ``"debug"`` runs the same jobs without
+extra). Before its time limit or on preemption submitit's signal stops the training at a step
+boundary with a mid-epoch ``latest`` (``CellJob.checkpoint``) and requeues the job, which runs the
+cell again from there (docs/preemption.md); ``cluster="local"`` or ``"debug"`` runs the same jobs without
 Slurm (submitit's local and in-process executors)."""
 from __future__ import annotations
 
 import os
 import re
+import signal
 from dataclasses import dataclass, field
 
 import submitit
@@ -21,19 +23,38 @@ class SlurmUnavailableError(RuntimeError):
 
 
 class CellJob(submitit.helpers.Checkpointable):
-    """A cell as a job. Checkpointable: on preemption or timeout submitit requeues this same object,
-    and calling it again resumes the run (the state is read from the run folder at each start)."""
+    """A cell as a job. Checkpointable: on preemption or timeout submitit calls ``checkpoint``, then
+    requeues this same object, and calling it again resumes the run (the state is read from the run
+    folder at each start)."""
 
     def __init__(self, cell: Cell, gpus: int = 1):
         self.cell = cell
         self.gpus = gpus
+        self.run: CellRun | None = None  # the training while it runs
+
+    def __getstate__(self) -> dict:
+        return {"cell": self.cell, "gpus": self.gpus, "run": None}  # a running process is not pickled
 
     def __call__(self) -> int:
         """Train the cell unless it is finished; returns train.py's exit status (0: finished)."""
         if cell_state(self.cell).action == SKIP:
             return 0
         # Slurm sets CUDA_VISIBLE_DEVICES to the job's GPUs; the child inherits it.
-        return CellRun(self.cell, gpus=self.gpus).wait()
+        self.run = CellRun(self.cell, gpus=self.gpus)
+        return self.run.wait()
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit's signal handler before it requeues the job: the training gets
+        SIGTERM (a no-op if Slurm signalled it already), writes its mid-epoch `latest` at the next
+        step boundary and exits; only then is the job requeued, to resume there."""
+        if self.run is not None and self.run.process.returncode is None:
+            self.run.process.send_signal(signal.SIGTERM)
+            try:
+                # Not Popen.wait: this handler may have interrupted it, which holds its lock.
+                os.waitid(os.P_PID, self.run.process.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:  # reaped already
+                pass
+        return super().checkpoint(*args, **kwargs)
 
 
 @dataclass
