@@ -255,7 +255,7 @@ def test_torchrun_two_cpu_processes_train_and_only_rank_0_writes(tmp_path):
     config.write_text(
         f'EXPERIMENT:\n  PROJECT: "ddp"\n  NAME: "run"\nDISTILLER:\n  STUDENT: "resnet8"\n'
         f'DATASET:\n  ROOT: "{root}"\n  NUM_WORKERS: 0\n  DOWNLOAD: False\n  TEST:\n    BATCH_SIZE: 16\n'
-        f"SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: 2\n  LR_DECAY_STAGES: []\n"
+        f"SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: 2\n"
     )
     prefix = str(tmp_path / "out")
     command = [

@@ -267,7 +267,7 @@ def train(folder: str, resume: bool = False, patch: str = "") -> subprocess.Comp
     overrides = [
         "DISTILLER.TEACHER", "resnet8", "DISTILLER.STUDENT", "resnet8",
         "DISTILLER.TEACHER_CKPT", os.path.join(folder, "teacher.pth"), "EXPERIMENT.NAME", "hard",
-        "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.BATCH_SIZE", "16", "DATASET.TEST.BATCH_SIZE", "16",
+        "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "16", "DATASET.TEST.BATCH_SIZE", "16",
         "LOG.SAVE_CHECKPOINT_FREQ", "1", "DATASET.ROOT", os.path.join(folder, "data"),
         "DATASET.DOWNLOAD", "False", "DATASET.NUM_WORKERS", "0", "LOG.PREFIX", os.path.join(folder, "out"),
     ]

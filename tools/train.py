@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     try:
         cfg = load_cfg(args.cfg, args.opts)
-        check_values(cfg)  # before any data is read or downloaded
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            check_values(cfg)  # before any data is read or downloaded
+        for note in notes:  # one line each, without warnings' source-line echo
+            print(f"warning: {note.message}", file=sys.stderr)
         device = distributed.init_distributed()
         seed_everything(distributed.shared_seed(cfg.EXPERIMENT.SEED))
         verbose = distributed.is_main_process()
