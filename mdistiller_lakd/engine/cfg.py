@@ -253,7 +253,7 @@ CFG.MCMI.UPDATE_CENTROIDS = False  # per-step EMA of the centroids (switched off
 CFG.MCMI.CENTROID_DECAY = 0.9999  # weight of the old centroid in the EMA
 CFG.MCMI.SAMPLES_PER_CLASS = 8  # pool images per class in each EMA step
 CFG.MCMI.POOL_PER_CLASS = 500  # training images per class in the pool
-# HARD: learned hard augmentations (our variant; README "HARD")
+# HARD: learned hard augmentations (our variant; docs/methods.md, "HARD")
 CFG.HARD = CN()
 CFG.HARD.TEMPERATURE = 4.0
 CFG.HARD.LOSS = CN()
