@@ -272,3 +272,4 @@ def test_torchrun_two_cpu_processes_train_and_only_rank_0_writes(tmp_path):
     assert len(os.listdir(os.path.join(run_dir, "train.events"))) == 1
     assert load_checkpoint(os.path.join(run_dir, "latest"))["epoch"] == 2
     assert result.stdout.count("CONFIG:") == 1
+    assert not os.path.exists(os.path.join(run_dir, "run.lock"))  # the main rank's lock, released

@@ -144,6 +144,7 @@ def test_a_killed_cell_is_resumed_through_the_slurm_path(tiny_grid):
     with open(os.path.join(killed.run_dir, LOG_FILE)) as f:
         log = f.read()
     assert "Resuming" in log and "after epoch 1" in log
+    assert "Took over the lock of" in log  # the killed run's lock: its process is gone
     with open(os.path.join(killed.run_dir, "worklog.txt")) as f:
         epochs_now, best_now = parse_worklog(f.read())
     assert epochs_now == epochs  # epoch 1 kept as the killed run logged it, not trained again
