@@ -95,6 +95,16 @@ def test_a_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, capsys):
     assert os.listdir(run_dir) == []
 
 
+def test_an_exited_holder_not_yet_reaped_is_stale(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    while runlock._proc_stat(process.pid)[:1] != ["Z"]:  # exited; the zombie stays until wait()
+        time.sleep(0.05)
+    try:
+        assert runlock.LockHolder(socket.gethostname(), process.pid, "?").is_stale()
+    finally:
+        process.wait()
+
+
 def test_a_pid_reused_by_a_later_process_is_stale():
     me = runlock.LockHolder.this_process()
     assert me.process_start and not me.is_stale()

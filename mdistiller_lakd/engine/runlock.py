@@ -7,8 +7,9 @@ NFS (v3 and later) shared by the nodes of a cluster, where the server performs t
 one node, or depend on a lock daemon, and a node that dies may keep them for a long time.
 
 A lock whose holder is gone is stale. On the holder's own host that is checked (no process with its
-pid, or one started at another time) and the lock is taken over with a note; a holder on another
-host cannot be checked from here, so the message says so and names the file to delete.
+pid, an exited one not yet reaped, or one started at another time) and the lock is taken over with
+a note; a holder on another host cannot be checked from here, so the message says so and names the
+file to delete.
 """
 from __future__ import annotations
 
@@ -27,14 +28,20 @@ class RunFolderLockedError(RuntimeError):
     """Another process holds the run folder; the message names it and the folder."""
 
 
-def _process_start(pid: int) -> str:
-    """When process ``pid`` started, in clock ticks since boot (Linux); "" where unknown. Told apart
-    from a later process that was given the same pid."""
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (Linux): [0] the state, [19] the
+    start time in clock ticks since boot; [] where unknown."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started ("" where unknown): tells it from a later process given the same pid."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,10 @@ class LockHolder:
             return True
         except PermissionError:  # another user's process: alive
             pass
-        return bool(self.process_start) and _process_start(self.pid) not in ("", self.process_start)
+        fields = _proc_stat(self.pid)
+        if fields and fields[0] == "Z":  # exited, not yet reaped by its parent
+            return True
+        return bool(self.process_start) and len(fields) > 19 and fields[19] != self.process_start
 
 
 def lock_path(run_dir: str) -> str:
