@@ -88,11 +88,11 @@ def test_a_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     pid = dead_pid()
     write_lock(run_dir, socket.gethostname(), pid)
-    holder = runlock.acquire(run_dir)
-    assert runlock.read_holder(run_dir) == holder and holder.pid == os.getpid()
+    lock = runlock.acquire(run_dir)
+    assert runlock.read_holder(run_dir) == lock.holder and lock.holder.pid == os.getpid()
     assert f"Took over the lock of {run_dir} from pid {pid} on host {socket.gethostname()}" in capsys.readouterr().out
-    runlock.release(run_dir, holder)
-    assert os.listdir(run_dir) == []
+    lock.release()
+    assert os.listdir(run_dir) == []  # the folder was there before: kept
 
 
 def test_an_exited_holder_not_yet_reaped_is_stale(tmp_path):
@@ -126,7 +126,18 @@ def test_a_lock_of_another_host_is_refused_saying_it_cannot_be_checked(tmp_path)
 
 def test_release_leaves_a_lock_taken_over_by_another(tmp_path):
     run_dir = str(tmp_path / "run")
-    holder = runlock.acquire(run_dir)
+    lock = runlock.acquire(run_dir)
     write_lock(run_dir, "node-17", 42)
-    runlock.release(run_dir, holder)
+    lock.release()
     assert runlock.read_holder(run_dir).host == "node-17"
+
+
+def test_release_removes_the_folders_the_lock_made_while_they_stay_empty(tmp_path):
+    """A run stopped before training (a teacher missing, a download failing) leaves no folder."""
+    prefix = tmp_path / "out"
+    runlock.acquire(str(prefix / "project" / "run")).release()
+    assert os.listdir(tmp_path) == []
+    lock = runlock.acquire(str(prefix / "project" / "run"))
+    (prefix / "project" / "run" / "worklog.txt").write_text("epoch: 1\n")
+    lock.release()
+    assert os.listdir(prefix / "project" / "run") == ["worklog.txt"]

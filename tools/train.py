@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if lock is not None:
-            runlock.release(run_dir, lock)
+            lock.release()
     return 0
 
 

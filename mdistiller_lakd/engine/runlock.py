@@ -131,9 +131,39 @@ def _take_over(run_dir: str, stale: LockHolder) -> None:
                   "INFO"), flush=True)
 
 
-def acquire(run_dir: str) -> LockHolder:
+@dataclass(frozen=True)
+class HeldLock:
+    """A run folder's lock held by this process; ``release()`` drops it."""
+
+    run_dir: str
+    holder: LockHolder
+    created: tuple[str, ...]  # the folders taking the lock made, deepest first
+
+    def release(self) -> None:
+        """Drop the lock if this process still holds it, and the folders the lock made if they
+        stayed empty: a run stopped before training leaves no trace."""
+        if read_holder(self.run_dir) == self.holder:
+            os.remove(lock_path(self.run_dir))
+        for folder in self.created:
+            try:
+                os.rmdir(folder)
+            except OSError:  # the run wrote into it
+                break
+
+
+def _missing_folders(path: str) -> tuple[str, ...]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return tuple(missing)
+
+
+def acquire(run_dir: str) -> HeldLock:
     """Take ``run_dir``'s lock for this process (creating the folder); raises
     ``RunFolderLockedError`` naming the holder when another live process has it."""
+    created = _missing_folders(os.path.abspath(run_dir))
     os.makedirs(run_dir, exist_ok=True)
     me = LockHolder.this_process()
     for _ in range(5):
@@ -150,11 +180,5 @@ def acquire(run_dir: str) -> LockHolder:
             f.write(json.dumps(asdict(me)) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        return me
+        return HeldLock(run_dir, me, created)
     raise RunFolderLockedError(f"run folder {run_dir}: other processes keep taking its lock {lock_path(run_dir)}")
-
-
-def release(run_dir: str, holder: LockHolder) -> None:
-    """Drop the lock if ``holder`` still has it."""
-    if read_holder(run_dir) == holder:
-        os.remove(lock_path(run_dir))
