@@ -51,7 +51,7 @@ def test_bf16_trains_and_validates_under_autocast_through_tools_train(tmp_path, 
         f'EXPERIMENT:\n  PROJECT: "amp"\n  NAME: "{method}"\n'
         f'DISTILLER:\n  TYPE: "{method}"\n  TEACHER: "resnet8"\n  STUDENT: "resnet8"\n  TEACHER_CKPT: "{teacher_ckpt}"\n'
         f'DATASET:\n  ROOT: "{root}"\n  NUM_WORKERS: 0\n  DOWNLOAD: False\n  TEST:\n    BATCH_SIZE: 8\n'
-        'SOLVER:\n  BATCH_SIZE: 8\n  EPOCHS: 1\n  LR_DECAY_STAGES: []\n  AMP: "bf16"\nLAKD:\n  LOCATIONS: [1, 3]\n'
+        'SOLVER:\n  BATCH_SIZE: 8\n  EPOCHS: 1\n  AMP: "bf16"\nLAKD:\n  LOCATIONS: [1, 3]\n'
     )
     train = runpy.run_path(os.path.join(REPO_ROOT, "tools", "train.py"))["main"]
     assert train(["--cfg", str(config), "LOG.PREFIX", str(tmp_path / "out")]) == 0

@@ -101,7 +101,7 @@ def test_agreement_stats_by_hand():
 def _write_config(path: str, method: str, root: str, teacher_ckpt: str) -> None:
     with open(path, "w") as f:
         f.write(f"DISTILLER:\n  TYPE: {method}\n  TEACHER: {ARCH}\n  STUDENT: {ARCH}\n  TEACHER_CKPT: {teacher_ckpt}\n"
-                f"DATASET:\n  ROOT: {root}\n  NUM_WORKERS: 0\n  TEST:\n    BATCH_SIZE: 5\nSOLVER:\n  EPOCHS: 2\n  LR_DECAY_STAGES: []\n")
+                f"DATASET:\n  ROOT: {root}\n  NUM_WORKERS: 0\n  TEST:\n    BATCH_SIZE: 5\nSOLVER:\n  EPOCHS: 2\n")
 
 
 def _model(seed: int) -> torch.nn.Module:

@@ -23,7 +23,7 @@ def test_crd_trains_one_epoch_through_tools_train(tmp_path):
         'EXPERIMENT:\n  PROJECT: "tiny"\n  TAG: "crd,resnet14,resnet8"\n'
         f'DISTILLER:\n  TYPE: "CRD"\n  TEACHER: "resnet14"\n  STUDENT: "resnet8"\n  TEACHER_CKPT: "{teacher_ckpt}"\n'
         f'DATASET:\n  ROOT: "{root}"\n  NUM_WORKERS: 0\n  DOWNLOAD: False\n  TEST:\n    BATCH_SIZE: 16\n'
-        'SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: 1\n  LR_DECAY_STAGES: []\n  TRAINER: "crd"\n'
+        'SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: 1\n  TRAINER: "crd"\n'
         "CRD:\n  FEAT:\n    STUDENT_DIM: 64\n    TEACHER_DIM: 64\n  NCE:\n    K: 16\n"
     )
     train = runpy.run_path(os.path.join(REPO_ROOT, "tools", "train.py"))["main"]

@@ -257,7 +257,7 @@ def test_torchrun_two_cpu_processes_train_and_only_rank_0_writes(tmp_path):
     config.write_text(
         f'EXPERIMENT:\n  PROJECT: "ddp"\n  NAME: "run"\nDISTILLER:\n  STUDENT: "resnet8"\n'
         f'DATASET:\n  ROOT: "{root}"\n  NUM_WORKERS: 0\n  DOWNLOAD: False\n  TEST:\n    BATCH_SIZE: 16\n'
-        f"SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: 2\n  LR_DECAY_STAGES: []\n"
+        f"SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: 2\n"
     )
     prefix = str(tmp_path / "out")
     command = [
@@ -274,3 +274,4 @@ def test_torchrun_two_cpu_processes_train_and_only_rank_0_writes(tmp_path):
     assert len(os.listdir(os.path.join(run_dir, "train.events"))) == 1
     assert load_checkpoint(os.path.join(run_dir, "latest"))["epoch"] == 2
     assert result.stdout.count("CONFIG:") == 1
+    assert not os.path.exists(os.path.join(run_dir, "run.lock"))  # the main rank's lock, released

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import runpy
+import socket
 import subprocess
 import sys
 
@@ -16,10 +17,12 @@ import torch
 from conftest import REPO_ROOT
 from fake_cifar import write_cifar
 from mdistiller_lakd.analysis.runs import parse_worklog
-from mdistiller_lakd.engine.cfg import ConfigError
+from mdistiller_lakd.engine import runlock
+from mdistiller_lakd.engine.cfg import ConfigError, load_cfg
 from mdistiller_lakd.engine.checkpoint import save_checkpoint
 from mdistiller_lakd.grid import local
 from mdistiller_lakd.grid.cells import LOG_FILE, SKIP, TRAIN_SCRIPT, cell_state, load_grid, train_command
+from mdistiller_lakd.engine.utils import experiment_name
 from mdistiller_lakd.grid.local import LocalQueue, visible_gpus
 from mdistiller_lakd.models import cifar_model_dict
 
@@ -60,7 +63,8 @@ def call_grid(*args: str) -> tuple[int, str, str]:
 
 def listed_actions(listing: str) -> dict[str, str]:
     """{cell name: action} of a dry run's listing."""
-    return {match.group(2): match.group(1) for match in re.finditer(r"^  (run|resume|skip)\s+(\S+)", listing, re.M)}
+    return {match.group(2): match.group(1)
+            for match in re.finditer(r"^  (run|resume|skip|running)\s+(\S+)", listing, re.M)}
 
 
 def table_rows(output: str) -> list[list[str]]:
@@ -117,10 +121,11 @@ def test_dry_run_lists_every_cell_and_what_it_needs(tiny_grid):
         for seed in (0, 1)
     }
     assert "4 cells (2 configs x 2 seeds)" in listing
-    assert "4 to run, 0 to resume, 0 to skip" in listing
-    # Each cell's run folder is the one tools/train.py names from the config and the overrides.
-    assert "output/grids/tiny/cifar100_baselines/kd,resnet56,resnet20DISTILLER.STUDENT:resnet8," in listing
-    assert "EXPERIMENT.SEED:1" in listing
+    assert "4 to run, 0 to resume, 0 to skip, 0 running" in listing
+    # Each cell's run folder is named by the config's tag and the seed; the overrides are in its config.yaml.
+    assert re.search(r"kd,resnet56,resnet20,seed1\s+output/grids/tiny/cifar100_baselines/kd,resnet56,resnet20,seed1$",
+                     listing, re.M)
+    assert "DISTILLER.STUDENT" not in listing
 
 
 def test_a_killed_cell_is_resumed_through_the_slurm_path(tiny_grid):
@@ -139,6 +144,7 @@ def test_a_killed_cell_is_resumed_through_the_slurm_path(tiny_grid):
     with open(os.path.join(killed.run_dir, LOG_FILE)) as f:
         log = f.read()
     assert "Resuming" in log and "after epoch 1" in log
+    assert "Took over the lock of" in log  # the killed run's lock: its process is gone
     with open(os.path.join(killed.run_dir, "worklog.txt")) as f:
         epochs_now, best_now = parse_worklog(f.read())
     assert epochs_now == epochs  # epoch 1 kept as the killed run logged it, not trained again
@@ -250,8 +256,9 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
         visible_gpus(4)
 
 
-def test_slurm_options_reach_the_job_array(tmp_path, monkeypatch):
-    """Stand-ins for Slurm's srun and sbatch (which keeps a copy of the script it is given)."""
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Stand-ins for Slurm's srun and sbatch (which keeps a copy of the script it is given, returned)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
@@ -259,6 +266,10 @@ def test_slurm_options_reach_the_job_array(tmp_path, monkeypatch):
     for tool in ("srun", "sbatch"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "submitted.sh"
+
+
+def test_slurm_options_reach_the_job_array(tmp_path, fake_slurm):
     with working_directory(tmp_path):
         status, out, err = call_grid(TINY, "--executor", "slurm", "--partition", "gpu", "--time", "1:30:00",
                                      "--constraint", "a100", "--gpus", "2", "--slurm-arg", "account=proj",
@@ -266,7 +277,7 @@ def test_slurm_options_reach_the_job_array(tmp_path, monkeypatch):
     assert status == 0, err
     assert "submitted 4 of 4 cells" in out
     assert "job 4242_0: cifar100_baselines/vanilla,resnet20,seed0" in out
-    script = (tmp_path / "submitted.sh").read_text()
+    script = fake_slurm.read_text()
     for line in ("--partition=gpu", "--time=90", "--constraint=a100", "--gpus-per-node=2", "--account=proj",
                  "--array=0-3%3"):
         assert f"#SBATCH {line}\n" in script
@@ -300,10 +311,6 @@ BAD_GRIDS = {
                           "configs[0] 'configs/cifar100/kd/res56_res20.yaml' (configs/cifar100/kd/res56_res20.yaml, "
                           "seed 0) and configs[1] 'configs/cifar100/kd/*.yaml' (configs/cifar100/kd/res56_res20.yaml, "
                           "seed 0) would share the run folder"),
-    "variants sharing a folder": ("configs: [configs/cifar100/kd/res56_res20.yaml]\nseeds: [0]\n"
-                                  "variants:\n  a: [KD.TEMPERATURE, 2]\n  b: [KD.TEMPERATURE, 2]\n",
-                                  "variant a, seed 0) and configs[0] 'configs/cifar100/kd/res56_res20.yaml' "
-                                  "(configs/cifar100/kd/res56_res20.yaml, variant b, seed 0) would share"),
     "seed set by opts": ("configs: [configs/cifar100/kd/res56_res20.yaml]\nseeds: [0]\nopts: [EXPERIMENT.SEED, 3]\n",
                          "opts: EXPERIMENT.SEED is set by the grid's `seeds`"),
     "unknown grid key": ("configs: [configs/cifar100/kd/res56_res20.yaml]\nseed: [0]\n", "unknown key 'seed'"),
@@ -320,3 +327,82 @@ def test_bad_grids_are_rejected_naming_the_entry(tmp_path, case):
     assert status == 2 and out == ""
     assert err.startswith(f"error: {path}: ") and message in err, err
     assert not (tmp_path / "output").exists()
+
+
+def test_a_locked_cell_shows_as_running_and_nothing_starts_it(tmp_path, monkeypatch, fake_slurm):
+    """A cell whose folder's lock is held (here by this live process) is left to its holder: listed
+    as running, reported as running, not queued locally, not submitted, and a job of it starts nothing."""
+    from mdistiller_lakd.grid import slurm
+
+    monkeypatch.setattr(local, "CellRun", InstantRun)
+    monkeypatch.setattr(local, "POLL_SECONDS", 0)
+    with working_directory(tmp_path):
+        grid = load_grid(TINY)
+        held = grid.cells[1]
+        runlock.acquire(held.run_dir)
+        status, listing, _ = call_grid(TINY, "--dry-run")
+        assert status == 0
+        assert listed_actions(listing) == {cell.name: "running" if cell is held else "run" for cell in grid.cells}
+        assert f"(pid {os.getpid()} on host {socket.gethostname()}, started " in listing
+        assert "3 to run, 0 to resume, 0 to skip, 1 running" in listing
+
+        out = io.StringIO()
+        assert set(LocalQueue(grid.cells, ["0"], out).run()) == {cell.name for cell in grid.cells if cell is not held}
+        assert "0 of 4 cells finished already, 1 running in another process (left to it); running the other 3" in (
+            out.getvalue())
+
+        status, out, _ = call_grid(TINY, "--executor", "slurm")
+        assert status == 0 and "submitted 3 of 4 cells" in out and held.name not in out
+        assert re.search(r"^#SBATCH --array=0-2(%\d+)?$", fake_slurm.read_text(), re.M)  # 3 jobs
+        monkeypatch.setattr(slurm, "CellRun", None)  # calling it would fail the test
+        assert slurm.CellJob(held)() == 0
+
+        _, report_out, _ = call_grid(TINY, "--report")
+        assert f"running (1):\n  {held.name}: pid {os.getpid()} on host" in report_out
+
+
+def test_cell_folders_are_named_by_tag_variant_and_seed(tmp_path):
+    (tmp_path / "variants.yaml").write_text(
+        "configs: [configs/cifar100/lakd/res56_res20.yaml]\nseeds: [1]\nopts: [SOLVER.EPOCHS, 1]\n"
+        "variants:\n  default: []\n  no_detach: [LAKD.DETACH, False]\n")
+    (tmp_path / "one_variant.yaml").write_text(
+        "configs: [configs/cifar100/kd/res56_res20.yaml, configs/cifar100/vanilla/resnet20.yaml]\nseeds: [0, 2]\n"
+        "variants:\n  t2: [KD.TEMPERATURE, 2]\n")
+    with working_directory(tmp_path):
+        variants, one_variant = load_grid("variants.yaml"), load_grid("one_variant.yaml")
+    assert [cell.run_name for cell in variants.cells] == [
+        "cifar100_baselines/lakd,resnet56,resnet20,seed1", "cifar100_baselines/lakd,resnet56,resnet20,no_detach,seed1"]
+    assert [cell.run_name for cell in one_variant.cells] == [
+        "cifar100_baselines/kd,resnet56,resnet20,seed0", "cifar100_baselines/kd,resnet56,resnet20,seed2",
+        "cifar100_baselines/vanilla,resnet20,seed0", "cifar100_baselines/vanilla,resnet20,seed2"]
+    cell = variants.cells[1]
+    assert cell.run_dir == os.path.join(str(tmp_path), "output", "grids", "variants", cell.run_name)
+    # train.py writes that folder; every setting goes on its command line (and so into its config.yaml).
+    args = cell.train_args(resume=False)
+    assert args[args.index("--name") + 1] == cell.run_name
+    assert ["LAKD.DETACH", "False", "EXPERIMENT.SEED", "1"] == args[-6:-2]
+
+
+FINISHED_WORKLOG = ("-" * 25 + "\nepoch: 1\nlr: 0.05\ntrain_acc: 5.00\ntrain_loss: 4.00\ntest_acc: 12.50\n"
+                    "test_acc_top5: 30.00\ntest_loss: 4.50\n" + "-" * 25 + "\nbest_acc\t12.50\n")
+
+
+def test_cells_run_under_the_old_folder_names_are_found_not_run_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "CellRun", InstantRun)
+    monkeypatch.setattr(local, "POLL_SECONDS", 0)
+    with working_directory(tmp_path):
+        cell = load_grid(TINY).cells[2]
+        cfg = load_cfg(cell.config, cell.opts)
+        old = os.path.join(load_grid(TINY).output, experiment_name(cfg, list(cell.opts)))
+        assert "DISTILLER.STUDENT:resnet8" in old  # the long name train.py gives from the overrides
+        os.makedirs(old)
+        (tmp_path / old / "worklog.txt").write_text(FINISHED_WORKLOG)
+        (tmp_path / old / "config.yaml").write_text(cfg.dump())
+        grid = load_grid(TINY)
+        found = grid.cells[2]
+        assert found.name == cell.name and found.run_dir == old
+        assert listed_actions(call_grid(TINY, "--dry-run")[1])[cell.name] == "skip"
+        assert cell.name not in LocalQueue(grid.cells, [], io.StringIO()).run()
+        _, out, _ = call_grid(TINY, "--report")
+    assert [(row[2], row[6]) for row in table_rows(out) if row[2] == "KD"] == [("KD", "12.50")]
+    assert "missing (3: no epoch finished)" in out and cell.name not in out.split("missing")[1]

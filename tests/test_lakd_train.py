@@ -30,7 +30,7 @@ def train(
     result and run folder."""
     overrides = [
         "DISTILLER.TEACHER", TEACHER, "DISTILLER.TEACHER_CKPT", os.path.join(folder, "teacher.pth"),
-        "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.BATCH_SIZE", "16", "DATASET.TEST.BATCH_SIZE", "16",
+        "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "16", "DATASET.TEST.BATCH_SIZE", "16",
         "LOG.SAVE_CHECKPOINT_FREQ", "1", "LOG.TENSORBOARD_FREQ", "1",
         "DATASET.ROOT", os.path.join(folder, "data"), "DATASET.DOWNLOAD", "False", "DATASET.NUM_WORKERS", "0",
         "LOG.PREFIX", os.path.join(folder, "out"),

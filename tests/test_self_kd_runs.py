@@ -83,7 +83,7 @@ def write_config(folder: str, method: str) -> str:
         "EXPERIMENT.TAG", f"{method.lower()},resnet8", "DISTILLER.STUDENT", "resnet8",
         "DISTILLER.TEACHER_CKPT", os.path.join(folder, "no_such_teacher.pth"),
         "DATASET.ROOT", root, "DATASET.NUM_WORKERS", 0, "DATASET.DOWNLOAD", False, "DATASET.TEST.BATCH_SIZE", 16,
-        "SOLVER.BATCH_SIZE", 16, "SOLVER.EPOCHS", 2, "SOLVER.LR_DECAY_STAGES", "[]", "LOG.SAVE_CHECKPOINT_FREQ", 1, "LOG.TENSORBOARD_FREQ", 1,
+        "SOLVER.BATCH_SIZE", 16, "SOLVER.EPOCHS", 2, "LOG.SAVE_CHECKPOINT_FREQ", 1, "LOG.TENSORBOARD_FREQ", 1,
     ])
     path = os.path.join(folder, f"{method}.yaml")
     with open(path, "w") as f:

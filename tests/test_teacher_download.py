@@ -103,7 +103,7 @@ def train_kd(fresh, url: str) -> int:
         "--cfg", os.path.join(REPO_ROOT, "configs", "cifar100", "vanilla", "resnet20.yaml"),
         "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet8", "DISTILLER.STUDENT", "resnet8",
         "DISTILLER.TEACHER_URL", url, "DATASET.ROOT", fresh["root"], "DATASET.NUM_WORKERS", "0",
-        "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.BATCH_SIZE", "32", "LOG.PREFIX", fresh["prefix"],
+        "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "32", "LOG.PREFIX", fresh["prefix"],
     ])
 
 

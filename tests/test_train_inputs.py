@@ -24,7 +24,7 @@ def long_overrides(root: str, prefix: str, lr: str) -> list[str]:
     return [
         "DATASET.TYPE", "cifar10", "DATASET.ROOT", root, "DATASET.NUM_WORKERS", "0", "LOG.PREFIX", prefix,
         "DISTILLER.STUDENT", "resnet8", "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "25",
-        "DATASET.TEST.BATCH_SIZE", "20", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.LR_DECAY_RATE", "0.2",
+        "DATASET.TEST.BATCH_SIZE", "20", "SOLVER.LR_DECAY_RATE", "0.2",
         "SOLVER.WEIGHT_DECAY", "0.0005", "SOLVER.MOMENTUM", "0.8", "SOLVER.NESTEROV", "True",
         "SOLVER.SCHEDULER", "step", "LAKD.LOCATIONS", "[1, 2, 3]", "LAKD.NDAM.AVG_WEIGHT", "0.25",
         "EXPERIMENT.TAG", "vanilla,resnet8,a_long_descriptive_tag_for_this_experiment", "SOLVER.LR", lr,
@@ -105,8 +105,9 @@ def test_bad_values_stop_train_before_any_data_is_read(tmp_path, key, value, mes
     (["DATASET.TEST.BATCH_SIZE", "0"], "DATASET.TEST.BATCH_SIZE: must be >= 1"),
     (["SOLVER.MOMENTUM", "1.0"], "SOLVER.MOMENTUM: must be in [0, 1)"),
     (["SOLVER.SCHEDULER", "exp"], "SOLVER.SCHEDULER: must be one of step, linear, cosine, got 'exp'"),
-    (["SOLVER.EPOCHS", "100"], "SOLVER.LR_DECAY_STAGES: must be strictly increasing epochs in 1..99"),
-    (["SOLVER.LR_DECAY_STAGES", "[180, 150]"], "SOLVER.LR_DECAY_STAGES: must be strictly increasing"),
+    (["SOLVER.LR_DECAY_STAGES", "[3, 2]"], "SOLVER.LR_DECAY_STAGES: must be strictly increasing whole epochs >= 1"),
+    (["SOLVER.LR_DECAY_STAGES", "[0]"], "SOLVER.LR_DECAY_STAGES: must be strictly increasing whole epochs >= 1"),
+    (["SOLVER.LR_DECAY_STAGES", "[1.5]"], "SOLVER.LR_DECAY_STAGES: must be strictly increasing whole epochs >= 1"),
     (["KD.LOSS.KD_WEIGHT", "-0.9"], "KD.LOSS.KD_WEIGHT: a weight must be a number >= 0, got -0.9"),
     (["CAT_KD.LOSS.CAT_loss_weight", "-1.0"], "CAT_KD.LOSS.CAT_loss_weight: a weight must be"),
     (["DKD.BETA", "-1.0", "DKD.CE_WEIGHT", "-1.0"], "DKD.CE_WEIGHT: a weight must be"),
@@ -142,3 +143,29 @@ def test_defaults_and_shipped_configs_pass_the_checks():
             check_values(load_cfg(path))
     check_values(load_cfg(None, ["SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]"]))
     check_values(load_cfg(None, ["SOLVER.EPOCHS", "2", "SOLVER.SCHEDULER", "cosine"]))  # stages unused
+
+
+def test_decay_stages_past_the_last_epoch_warn_naming_the_idle_ones():
+    cfg = load_cfg(None, ["SOLVER.EPOCHS", "180", "SOLVER.LR_DECAY_STAGES", "[150, 180, 210]"])
+    with pytest.warns(UserWarning) as caught:
+        check_values(cfg)
+    assert [str(w.message) for w in caught] == [
+        "SOLVER.LR_DECAY_STAGES: [180, 210] at or past the last epoch (SOLVER.EPOCHS 180) never lower the learning rate"
+    ]
+
+
+def test_a_short_trial_of_a_shipped_config_trains_with_one_warning_line(cifar100_root, tmp_path):
+    """Upstream's first command, shortened to one epoch: the 240-epoch decay stages never act."""
+    config = os.path.join(REPO_ROOT, "configs", "cifar100", "vanilla", "resnet20.yaml")
+    result = train("--cfg", config, "SOLVER.EPOCHS", "1", "DISTILLER.STUDENT", "resnet8", "SOLVER.BATCH_SIZE", "32",
+                   "DATASET.ROOT", cifar100_root, "DATASET.DOWNLOAD", "False", "DATASET.NUM_WORKERS", "0",
+                   "LOG.PREFIX", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    warning_lines = [line for line in result.stderr.splitlines() if "LR_DECAY_STAGES" in line]
+    assert warning_lines == [
+        "warning: SOLVER.LR_DECAY_STAGES: [150, 180, 210] at or past the last epoch (SOLVER.EPOCHS 1) never lower "
+        "the learning rate"
+    ]
+    worklogs = [os.path.join(root, "worklog.txt") for root, _, files in os.walk(tmp_path / "out") if "worklog.txt" in files]
+    with open(worklogs[0]) as f:
+        assert "epoch: 1\nlr: 0.05\n" in f.read() and len(worklogs) == 1

@@ -61,7 +61,7 @@ def write_config(folder) -> str:
             f'EXPERIMENT:\n  PROJECT: "tiny"\n  TAG: "vanilla,resnet8"\n  SEED: 0\n'
             f'DISTILLER:\n  TYPE: "NONE"\n  STUDENT: "resnet8"\n'
             f'DATASET:\n  ROOT: "{root}"\n  NUM_WORKERS: 0\n  DOWNLOAD: False\n  TEST:\n    BATCH_SIZE: 16\n'
-            f"SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: {EPOCHS}\n  LR_DECAY_STAGES: []\n  LR: 0.05\n  WEIGHT_DECAY: 0.0005\n"
+            f"SOLVER:\n  BATCH_SIZE: 16\n  EPOCHS: {EPOCHS}\n  LR: 0.05\n  WEIGHT_DECAY: 0.0005\n"
             f"LOG:\n  SAVE_CHECKPOINT_FREQ: 1\n  TENSORBOARD_FREQ: 3\n"
         )
     return path

@@ -1,8 +1,9 @@
 """Run an experiment grid: ``python tools/grid.py GRID.yaml [--dry-run | --report] [--executor local|slurm]``.
 
 Every cell (config x variant x seed, see mdistiller_lakd/grid/cells.py) is an ordinary tools/train.py
-run; finished cells are skipped and killed ones resumed, so the same command completes an
-interrupted grid. ``local`` queues the cells over the visible GPUs (``--gpus N``: the first N; on
+run; finished cells are skipped, killed ones resumed and running ones (their run folder's lock is
+held) left alone, so the same command completes an interrupted grid and may be given again while
+its jobs run. ``local`` queues the cells over the visible GPUs (``--gpus N``: the first N; on
 the CPU one at a time); ``slurm`` submits one job per cell with submitit (``pip install -e
 ".[slurm]"``). At the end, or with ``--report``, prints tools/compare.py's table of the grid's runs.
 """
@@ -57,7 +58,7 @@ def run_slurm(args: argparse.Namespace, grid: Grid) -> int:
     except SlurmUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"[grid] submitted {len(jobs)} of {len(grid.cells)} cells (the others are finished)")
+    print(f"[grid] submitted {len(jobs)} of {len(grid.cells)} cells (the others are finished or running)")
     for cell, job in jobs:
         print(f"[grid]   job {job.job_id}: {cell.name}")
     if not args.wait:

@@ -1,5 +1,8 @@
 """Train a student: ``python tools/train.py --cfg configs/cifar100/lakd/res56_res20.yaml [--resume] [KEY VALUE ...]``.
 
+The run holds its folder's lock (mdistiller_lakd/engine/runlock.py) from the start to the end: a
+second train.py on the same folder stops at once, naming the holder, with exit status 2.
+
 On several GPUs (or CPU processes): ``torchrun --nproc_per_node=N tools/train.py --cfg ...``, with
 SOLVER.BATCH_SIZE the global batch (see mdistiller_lakd/engine/distributed.py).
 
@@ -9,12 +12,14 @@ stopped by a signal after writing a mid-epoch ``latest``: run again with --resum
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 import torch
 
 from mdistiller_lakd.dataset import get_dataset
-from mdistiller_lakd.engine import distributed
+from mdistiller_lakd.engine import distributed, runlock
 from mdistiller_lakd.engine.build import build_distiller
 from mdistiller_lakd.engine.cfg import ConfigError, check_values, dump_cfg, load_cfg
 from mdistiller_lakd.engine.checkpoint import CheckpointError
@@ -27,28 +32,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("training for knowledge distillation.")
     parser.add_argument("--cfg", type=str, required=True, help="a YAML config file")
     parser.add_argument("--resume", action="store_true", help="continue the run from its `latest` checkpoint")
+    parser.add_argument("--name", help="the run folder under LOG.PREFIX (default: PROJECT/TAG followed by the "
+                        "overrides, as upstream names it)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. SOLVER.LR 0.1")
     args = parser.parse_args(argv)
 
     torch.backends.cudnn.benchmark = True
+    lock = None
     try:
         cfg = load_cfg(args.cfg, args.opts)
-        check_values(cfg)  # before any data is read or downloaded
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            check_values(cfg)  # before any data is read or downloaded
+        for note in notes:  # one line each, without warnings' source-line echo
+            print(f"warning: {note.message}", file=sys.stderr)
         device = distributed.init_distributed()
         seed_everything(distributed.shared_seed(cfg.EXPERIMENT.SEED))
         verbose = distributed.is_main_process()
-        if verbose:
+        name = args.name or experiment_name(cfg, args.opts)
+        run_dir = os.path.join(cfg.LOG.PREFIX, name)
+        if verbose:  # the process that writes the folder holds it (under torchrun, the main rank)
+            lock = runlock.acquire(run_dir)
             print(log_msg("CONFIG:\n" + dump_cfg(cfg), "INFO"))
         train_loader, val_loader, num_data, num_classes = get_dataset(cfg, device)
         distiller = build_distiller(cfg, num_classes, num_data)
         if verbose and cfg.DISTILLER.TYPE != "NONE":
             print(log_msg(f"Extra parameters of {cfg.DISTILLER.TYPE}: {distiller.get_extra_parameters()}", "INFO"))
-        trainer = Trainer(experiment_name(cfg, args.opts), distiller, train_loader, val_loader, cfg, device)
+        trainer = Trainer(name, distiller, train_loader, val_loader, cfg, device)
         if verbose:
             print(log_msg(f"Run folder: {trainer.log_path}", "INFO"))
         trainer.train(resume=args.resume)
         distributed.shutdown()
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, runlock.RunFolderLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
@@ -58,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()  # every rank waits until the main one has written `latest`
         print(log_msg(str(stopped), "INFO"), file=sys.stderr)
         return REQUEUE_EXIT_STATUS
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Re-make the example pictures of the README's "Seeing the results" section, on the CPU, with no
+"""Re-make the example pictures of docs/analysis.md ("Example figures"), on the CPU, with no
 download: ``python docs/figures/make_figures.py [WORK_DIR]`` (about an hour on two cores).
 
 Data: "shapes-10", synthetic 32x32 pictures in the CIFAR-10 file layout (5,000 train / 1,000 test):

@@ -92,7 +92,8 @@ class HARD(Distiller):
 
     def update_augmentor(self, image: torch.Tensor) -> dict[str, float]:
         """One Adam step of the augmentor on ``-D + TEACHER_REG * R``; both models in eval mode, in
-        float32, gradients reaching the augmentor only (averaged across ranks under torchrun)."""
+        float32, gradients reaching the augmentor only (averaged across ranks under torchrun) and
+        freed once the step is taken."""
         was_training = self.student.training
         self.student.eval()
         parameters = self.get_self_optimized_parameters()
@@ -106,6 +107,8 @@ class HARD(Distiller):
             parameter.grad = grad
         average_gradients(parameters)
         self.augmentor_optimizer.step()
+        # The gradients served this step only: freed now rather than held until the next one.
+        self.augmentor_optimizer.zero_grad(set_to_none=True)
         values = {"disagreement": disagreement.item(), "teacher_shift": shift.item()}
         for key, value in values.items():
             self._epoch_sums[key] += value

@@ -8,6 +8,7 @@ that only steer CAT-KD's model surgery are read and ignored.
 from __future__ import annotations
 
 import os
+import warnings
 from ast import literal_eval
 from typing import Callable, Sequence
 
@@ -254,7 +255,7 @@ CFG.MCMI.UPDATE_CENTROIDS = False  # per-step EMA of the centroids (switched off
 CFG.MCMI.CENTROID_DECAY = 0.9999  # weight of the old centroid in the EMA
 CFG.MCMI.SAMPLES_PER_CLASS = 8  # pool images per class in each EMA step
 CFG.MCMI.POOL_PER_CLASS = 500  # training images per class in the pool
-# HARD: learned hard augmentations (our variant; README "HARD")
+# HARD: learned hard augmentations (our variant; docs/methods.md, "HARD")
 CFG.HARD = CN()
 CFG.HARD.TEMPERATURE = 4.0
 CFG.HARD.LOSS = CN()
@@ -425,15 +426,30 @@ def _weight_keys(node: CN, prefix: str = "") -> list[tuple[str, object]]:
     return found
 
 
-def _integers_in(values, low: int, high: float = float("inf"), increasing: bool = True) -> bool:
-    """Whether ``values`` are integers in ``low..high`` (strictly increasing when ``increasing``)."""
+def _integers_in(values, low: int, increasing: bool = True) -> bool:
+    """Whether ``values`` are integers >= ``low`` (strictly increasing when ``increasing``)."""
     values = list(values)
-    in_range = all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values)
+    in_range = all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values)
     return in_range and not (increasing and any(a >= b for a, b in zip(values, values[1:])))
 
 
+def _check_decay_stages(stages: list, epochs: int) -> None:
+    """Stages must be strictly increasing whole epochs >= 1. A stage s lowers the LR from epoch
+    s + 1 on, so one at or past the last epoch never acts: upstream trains such a config (a short
+    trial of a 240-epoch recipe), and so do we, with a warning."""
+    if not _integers_in(stages, 1):
+        raise ConfigError(f"SOLVER.LR_DECAY_STAGES: must be strictly increasing whole epochs >= 1, got {stages}")
+    idle = [stage for stage in stages if stage >= epochs]
+    if idle:
+        warnings.warn(
+            f"SOLVER.LR_DECAY_STAGES: {idle} at or past the last epoch (SOLVER.EPOCHS {epochs}) never lower "
+            "the learning rate", stacklevel=3,
+        )
+
+
 def check_values(cfg: CN) -> None:
-    """Raise ``ConfigError`` naming the full key of the first value outside its valid range.
+    """Raise ``ConfigError`` naming the full key of the first value outside its valid range; warn
+    about decay stages that never act.
 
     Run before any data is read, so that a bad value stops the run at once rather than as a
     DataLoader traceback or an empty "training"."""
@@ -449,13 +465,8 @@ def check_values(cfg: CN) -> None:
         if not all(_is_number(v) and v >= 0 for v in values):
             raise ConfigError(f"{key}: a weight must be a number >= 0, got {value!r}")
     solver = cfg.SOLVER
-    # A stage s lowers the LR from epoch s + 1 on: one at or past the last epoch never acts.
-    if solver.SCHEDULER == "step" and not _integers_in(solver.LR_DECAY_STAGES, 1, solver.EPOCHS - 1):
-        raise ConfigError(
-            f"SOLVER.LR_DECAY_STAGES: must be strictly increasing epochs in 1..{solver.EPOCHS - 1} "
-            f"(SOLVER.EPOCHS is {solver.EPOCHS}), got {list(solver.LR_DECAY_STAGES)}; "
-            "SOLVER.LR_DECAY_STAGES [] trains without decay"
-        )
+    if solver.SCHEDULER == "step":
+        _check_decay_stages(list(solver.LR_DECAY_STAGES), solver.EPOCHS)
     lakd = cfg.LAKD
     if not lakd.LOCATIONS or not _integers_in(lakd.LOCATIONS, 1):
         raise ConfigError(

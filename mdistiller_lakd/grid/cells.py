@@ -10,11 +10,15 @@ A grid file is YAML with the keys
 
 Config entries are looked up relative to the grid file's folder, then to the repository root;
 ``output`` and the paths inside configs are relative to the working directory. The grid is the
-product configs x variants x seeds; a cell is ``tools/train.py --cfg CONFIG OPTS VARIANT
-EXPERIMENT.SEED s LOG.PREFIX output``, so its run folder is the one train.py names from those
-overrides, and what a cell needs is read from that folder: a finished run (every epoch and the
-closing ``best_acc`` line in its worklog) is skipped, a run with a ``latest`` checkpoint is resumed,
-any other cell starts from scratch.
+product configs x variants x seeds; a cell is ``tools/train.py --cfg CONFIG --name NAME OPTS VARIANT
+EXPERIMENT.SEED s LOG.PREFIX output``. Its run folder ``output/NAME`` is named by what tells the cells
+apart: ``PROJECT/TAG,variant,seedS`` (the config's EXPERIMENT.PROJECT and NAME or TAG), the variant
+left out when the grid has one variant or it is named ``default``; every setting is in the folder's
+``config.yaml``. A cell run before grids named folders so (``output/`` followed by train.py's own
+name: the tag and every override) keeps its folder. What a cell needs is read from its folder: a
+run in progress (the folder's lock is held, engine/runlock.py) is left alone, a finished run (every
+epoch and the closing ``best_acc`` line in its worklog) is skipped, a run with a ``latest``
+checkpoint is resumed, any other cell starts from scratch.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from ..analysis.runs import WORKLOG, RunError, group_runs, markdown_table, parse
 from ..engine.build import REPO_ROOT
 from ..engine.cfg import ConfigError, load_cfg, yaml_error_message
 from ..engine.checkpoint import atomic_write
+from ..engine.runlock import live_holder
 from ..engine.utils import experiment_name
 
 TRAIN_SCRIPT = os.path.join(REPO_ROOT, "tools", "train.py")
@@ -41,7 +46,8 @@ SEED_KEY, PREFIX_KEY = "EXPERIMENT.SEED", "LOG.PREFIX"
 LOG_FILE = "grid.log"  # in the run folder: the output of every attempt at the cell, appended
 EXIT_FILE = "grid_exit"  # in the run folder: the exit status of the last attempt
 
-RUN, RESUME, SKIP = "run", "resume", "skip"
+RUN, RESUME, SKIP, RUNNING = "run", "resume", "skip", "running"
+DEFAULT_VARIANT = "default"  # a variant of this name is left out of folder names
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,14 @@ class Cell:
     entry: str  # the grid entry it comes from, for messages
     config: str  # absolute path of its config file
     opts: tuple[str, ...]  # every KEY VALUE override of its train.py command
+    run_name: str  # its folder under the grid's output: the name, or a folder run before names were so
     run_dir: str  # absolute path of the folder train.py writes
     epochs: int  # SOLVER.EPOCHS of the run
     workdir: str  # where train.py runs: relative paths of the config resolve there
 
     def train_args(self, resume: bool) -> list[str]:
         """tools/train.py's arguments for this cell."""
-        return ["--cfg", self.config, *(["--resume"] if resume else []), *self.opts]
+        return ["--cfg", self.config, "--name", self.run_name, *(["--resume"] if resume else []), *self.opts]
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class Grid:
 
 @dataclass(frozen=True)
 class CellState:
-    action: str  # RUN, RESUME or SKIP
+    action: str  # RUN, RESUME, SKIP or RUNNING
     detail: str  # what the run folder shows, for listings ("" for a cell never started)
 
 
@@ -172,17 +179,21 @@ def load_grid(path: str, workdir: str | None = None) -> Grid:
                 cfg = load_cfg(config, opts + variant_opts)
             except ConfigError as error:
                 raise ConfigError(f"{path}: configs[{index}] {entry!r}: {error}") from None
-            run_name = f"{cfg.EXPERIMENT.PROJECT}/{cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG}" + (
-                f",{variant}" if variant else "")
+            named_variant = len(variants) > 1 and variant != DEFAULT_VARIANT
+            prefix = f"{cfg.EXPERIMENT.PROJECT}/{cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG}" + (
+                f",{variant}" if named_variant else "")
             for seed in seeds:
                 cell_opts = opts + variant_opts + [SEED_KEY, str(seed), PREFIX_KEY, output]
+                name = f"{prefix},seed{seed}"
+                run_name = _existing_folder(output, name, experiment_name(cfg, cell_opts))
                 cell = Cell(
-                    name=f"{run_name},seed{seed}",
+                    name=name,
                     entry=f"configs[{index}] {entry!r} ({shown}" + (f", variant {variant}" if variant else "")
                           + f", seed {seed})",
                     config=config,
                     opts=tuple(cell_opts),
-                    run_dir=os.path.join(output, experiment_name(cfg, cell_opts)),
+                    run_name=run_name,
+                    run_dir=os.path.join(output, run_name),
                     epochs=cfg.SOLVER.EPOCHS,
                     workdir=workdir,
                 )
@@ -198,6 +209,14 @@ def load_grid(path: str, workdir: str | None = None) -> Grid:
     return Grid(path, output, shape, cells)
 
 
+def _existing_folder(output: str, name: str, old_name: str) -> str:
+    """``name``, unless only ``old_name`` (train.py's own folder name for the cell, which grids used
+    before) exists under ``output``: a cell run then is found there, not run again."""
+    if not os.path.isdir(os.path.join(output, name)) and os.path.isdir(os.path.join(output, old_name)):
+        return old_name
+    return name
+
+
 def last_exit_status(cell: Cell) -> int | None:
     """The exit status of the grid's last attempt at ``cell`` (None when never attempted)."""
     try:
@@ -209,6 +228,9 @@ def last_exit_status(cell: Cell) -> int | None:
 
 def cell_state(cell: Cell) -> CellState:
     """What the grid does with ``cell``, from its run folder."""
+    holder = live_holder(cell.run_dir)
+    if holder is not None:
+        return CellState(RUNNING, holder.describe())
     try:
         with open(os.path.join(cell.run_dir, WORKLOG)) as f:
             epochs, final_best = parse_worklog(f.read())
@@ -298,22 +320,24 @@ def listing(grid: Grid) -> str:
     lines = [f"{grid.path}: {_plural(len(grid.cells), 'cell')} ({grid.shape}), output {grid.output}"]
     for cell, state in zip(grid.cells, states):
         detail = f" ({state.detail})" if state.detail else ""
-        lines.append(f"  {state.action:<6}  {cell.name:<{width}}  {os.path.relpath(cell.run_dir, cell.workdir)}{detail}")
-    counts = ", ".join(f"{sum(s.action == action for s in states)} to {action}" for action in (RUN, RESUME, SKIP))
-    lines.append(counts)
+        lines.append(f"  {state.action:<7}  {cell.name:<{width}}  {os.path.relpath(cell.run_dir, cell.workdir)}{detail}")
+    counts = [f"{sum(s.action == action for s in states)} to {action}" for action in (RUN, RESUME, SKIP)]
+    lines.append(", ".join(counts + [f"{sum(s.action == RUNNING for s in states)} running"]))
     return "\n".join(lines)
 
 
 def report(cells: Sequence[Cell]) -> tuple[str, bool]:
     """The results table of ``cells`` (tools/compare.py's: mean ± std over seeds, best and last,
-    gain over the from-scratch student) followed by the cells missing or failed, by name; and
-    whether every cell finished."""
-    runs, missing, failed, complete = [], [], [], True
+    gain over the from-scratch student) followed by the cells missing, running or failed, by name;
+    and whether every cell finished."""
+    runs, missing, failed, running, complete = [], [], [], [], True
     for cell in cells:
-        finished = cell_state(cell).action == SKIP
-        complete = complete and finished
+        state = cell_state(cell)
+        complete = complete and state.action == SKIP
         status = last_exit_status(cell)
-        if status and not finished:
+        if state.action == RUNNING:
+            running.append(f"  {cell.name}: {state.detail}")
+        elif status and state.action != SKIP:
             failed.append(f"  {cell.name}: exit status {status}, log {os.path.join(cell.run_dir, LOG_FILE)}")
         try:
             runs.append(read_run(cell.run_dir))
@@ -322,6 +346,8 @@ def report(cells: Sequence[Cell]) -> tuple[str, bool]:
     parts = [markdown_table(summary_rows(group_runs(runs)))] if runs else ["no cell has finished an epoch yet"]
     if missing:
         parts.append(f"missing ({len(missing)}: no epoch finished):\n" + "\n".join(missing))
+    if running:
+        parts.append(f"running ({len(running)}):\n" + "\n".join(running))
     if failed:
         parts.append(f"failed ({len(failed)}):\n" + "\n".join(failed))
     return "\n".join(parts), complete

@@ -12,7 +12,7 @@ from typing import TextIO
 
 from ..engine.cfg import ConfigError
 from ..engine.preemption import REQUEUE_EXIT_STATUS
-from .cells import SKIP, Cell, CellRun, cell_state, last_log_line
+from .cells import RUNNING, SKIP, Cell, CellRun, cell_state, last_log_line
 
 POLL_SECONDS = 0.5
 
@@ -45,12 +45,15 @@ class _Running:
 
 
 class LocalQueue:
-    """Runs the cells that are not finished; ``run()`` returns the exit status of each cell it ran."""
+    """Runs the cells that are neither finished nor running in another process (their folder's lock
+    is held); ``run()`` returns the exit status of each cell it ran."""
 
     def __init__(self, cells: list[Cell], gpus: list[str], out: TextIO | None = None):
         self.total = len(cells)
-        self.pending = deque(cell for cell in cells if cell_state(cell).action != SKIP)
-        self.done = self.total - len(self.pending)
+        actions = [cell_state(cell).action for cell in cells]
+        self.pending = deque(cell for cell, action in zip(cells, actions) if action not in (SKIP, RUNNING))
+        self.elsewhere = actions.count(RUNNING)
+        self.done = actions.count(SKIP)
         # A slot per GPU id; on the CPU one slot, with CUDA hidden (`--gpus 0` on a GPU machine).
         self.slots: list[str] = gpus or [""]
         self.device_names = {slot: f"GPU {slot}" if slot else "CPU" for slot in self.slots}
@@ -61,7 +64,8 @@ class LocalQueue:
         self.start = time.monotonic()
 
     def run(self) -> dict[str, int]:
-        self._print(f"{self.done} of {self.total} cells finished already; running the other {len(self.pending)}")
+        running = f", {self.elsewhere} running in another process (left to it)" if self.elsewhere else ""
+        self._print(f"{self.done} of {self.total} cells finished already{running}; running the other {len(self.pending)}")
         try:
             while self.pending or self.running:
                 for slot in self.slots:
@@ -79,7 +83,12 @@ class LocalQueue:
         return self.statuses
 
     def _launch(self, slot: str, cell: Cell) -> None:
-        action = cell_state(cell).action
+        state = cell_state(cell)
+        if state.action == RUNNING:  # started by another process since the queue was made
+            self.elsewhere += 1
+            self._print(f"left {cell.name} to the process running it ({state.detail})")
+            return
+        action = state.action
         self.running[slot] = _Running(CellRun(cell, {"CUDA_VISIBLE_DEVICES": slot}), time.monotonic())
         self._print(f"{action} {cell.name} on {self.device_names[slot]}")
 
@@ -109,7 +118,8 @@ class LocalQueue:
             estimate = f"about {_clock(mean * (left + len(self.running)) / len(self.slots))} left"
         else:
             estimate = "estimate after the first cell" if left or self.running else "all done"
-        return (f"{self.done}/{self.total} done, {len(self.running)} running, {left} left | "
+        elsewhere = f", {self.elsewhere} running elsewhere" if self.elsewhere else ""
+        return (f"{self.done}/{self.total} done, {len(self.running)} running{elsewhere}, {left} left | "
                 f"elapsed {_clock(elapsed)} | {estimate}")
 
     def _print(self, event: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import submitit
 
 from ..engine.cfg import ConfigError
-from .cells import SKIP, Cell, CellRun, cell_state
+from .cells import RUNNING, SKIP, Cell, CellRun, cell_state
 
 SUBMITIT_FOLDER = "submitit"  # under the grid's output: job scripts, pickles and Slurm's logs
 
@@ -36,8 +36,13 @@ class CellJob(submitit.helpers.Checkpointable):
         return {"cell": self.cell, "gpus": self.gpus, "run": None}  # a running process is not pickled
 
     def __call__(self) -> int:
-        """Train the cell unless it is finished; returns train.py's exit status (0: finished)."""
-        if cell_state(self.cell).action == SKIP:
+        """Train the cell unless it is finished or another process runs it (a job of an earlier
+        submission, a requeued job racing a slow node); returns train.py's exit status (0: finished
+        or left to that process)."""
+        state = cell_state(self.cell)
+        if state.action == RUNNING:
+            print(f"[grid] {self.cell.name} is running in another process ({state.detail}); nothing started")
+        if state.action in (SKIP, RUNNING):
             return 0
         # Slurm sets CUDA_VISIBLE_DEVICES to the job's GPUs; the child inherits it.
         self.run = CellRun(self.cell, gpus=self.gpus)
@@ -82,8 +87,8 @@ def minutes(text: str) -> int:
 
 
 def submit(cells: list[Cell], output: str, options: SlurmOptions, cluster: str = "slurm") -> list[tuple[Cell, object]]:
-    """Submit the unfinished ``cells`` (one array); returns each with its submitit job."""
-    todo = [cell for cell in cells if cell_state(cell).action != SKIP]
+    """Submit the cells neither finished nor running (one array); returns each with its submitit job."""
+    todo = [cell for cell in cells if cell_state(cell).action not in (SKIP, RUNNING)]
     if not todo:
         return []
     try:
