@@ -65,7 +65,7 @@ class TinyKD(KD):
 
 
 def dot_trainer(tmp_path, *opts, seed=0, distiller=None) -> Trainer:
-    cfg = load_cfg(None, ["SOLVER.EPOCHS", 2, "SOLVER.LR_DECAY_STAGES", [], "SOLVER.TRAINER", "dot",
+    cfg = load_cfg(None, ["SOLVER.EPOCHS", 2, "SOLVER.TRAINER", "dot",
                           "SOLVER.WEIGHT_DECAY", 0.0005, "LOG.PREFIX", str(tmp_path), "DISTILLER.TYPE", "KD",
                           "LOG.SAVE_CHECKPOINT_FREQ", 1, *opts])
     torch.manual_seed(seed)

@@ -66,7 +66,7 @@ def make_trainer(folder: str, method: str, run: str, *opts) -> Trainer:
     cfg = load_cfg(config, [
         "DISTILLER.TEACHER", "resnet8", "DISTILLER.STUDENT", "resnet8",
         "DISTILLER.TEACHER_CKPT", os.path.join(folder, "teacher.pth"), "SOLVER.EPOCHS", 2,
-        "SOLVER.LR_DECAY_STAGES", [], "SOLVER.BATCH_SIZE", 8, "DATASET.TEST.BATCH_SIZE", 8,
+        "SOLVER.BATCH_SIZE", 8, "DATASET.TEST.BATCH_SIZE", 8,
         "DATASET.ROOT", os.path.join(folder, "data"), "DATASET.DOWNLOAD", False, "DATASET.NUM_WORKERS", 0,
         "LOG.PREFIX", os.path.join(folder, method, run), "EXPERIMENT.SEED", 0, *method_opts, *opts,
     ])
@@ -235,7 +235,7 @@ def _rank_worker(rank: int, port: int, folder: str, resume: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        cfg = load_cfg(None, ["SOLVER.BATCH_SIZE", 8, "SOLVER.EPOCHS", 2, "SOLVER.LR_DECAY_STAGES", [],
+        cfg = load_cfg(None, ["SOLVER.BATCH_SIZE", 8, "SOLVER.EPOCHS", 2,
                               "LOG.PREFIX", folder])
         torch.manual_seed(0)
         distiller = Vanilla(cifar_model_dict["resnet8"][0](num_classes=10))

@@ -115,7 +115,7 @@ def test_kd_dot_trains_one_epoch_on_the_archive_layout(both_layouts, tmp_path, c
     save_checkpoint({"model": tiny_imagenet_model_dict["ResNet18"][0](num_classes=200).state_dict()}, teacher_path)
     prefix = str(tmp_path / "out")
     args = ["--cfg", "configs/tiny_imagenet/dot/r18_mv2.yaml", "DATASET.ROOT", both_layouts[True],
-            "DATASET.NUM_WORKERS", 0, "DATASET.TEST.BATCH_SIZE", 6, "SOLVER.BATCH_SIZE", 6, "SOLVER.EPOCHS", 1, "SOLVER.LR_DECAY_STAGES", "[]",
+            "DATASET.NUM_WORKERS", 0, "DATASET.TEST.BATCH_SIZE", 6, "SOLVER.BATCH_SIZE", 6, "SOLVER.EPOCHS", 1,
             "DISTILLER.TEACHER_CKPT", teacher_path, "LOG.PREFIX", prefix, "EXPERIMENT.SEED", 0]
     result = subprocess.run([sys.executable, "tools/train.py", *map(str, args)], cwd=REPO_ROOT,
                             capture_output=True, text=True)
