@@ -51,7 +51,7 @@ def test_a_method_is_timed_through_the_trainer_step_with_amp_and_channels_last(b
 def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypatch, capsys):
     costs = {"scratch": (10.0, 100.0), "kd": (15.0, 120.0), "lakd_eager": (20.0, 80.0)}
 
-    def fake_run(method, args):
+    def fake_run(method, args, compiled=False):
         step_ms, peak_mib = costs[method]
         return {"method": method, "step_ms": step_ms, "images_per_s": 1000 * args.batch_size / step_ms,
                 "peak_mib": peak_mib}
@@ -69,7 +69,7 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
 
 def test_memory_is_also_reported_against_cat_kd_when_it_is_measured(bench_tool, monkeypatch, capsys):
     peaks = {"scratch": 100.0, "cat_kd": 125.0, "lakd_eager": 80.0}
-    monkeypatch.setattr(bench_tool, "run_in_fresh_process", lambda method, args: {
+    monkeypatch.setattr(bench_tool, "run_in_fresh_process", lambda method, args, compiled=False: {
         "method": method, "step_ms": 10.0, "images_per_s": 1.0, "peak_mib": peaks[method]})
     assert bench_tool.main(["--methods", "cat_kd", "lakd_eager", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
@@ -108,7 +108,7 @@ def test_cuda_report_prints_test_outcomes_and_the_cuda_benchmark_in_one_table(be
     monkeypatch.setattr(bench_tool, "run_cuda_tests", lambda: outcomes)
     devices = set()
 
-    def fake_run(method, args):
+    def fake_run(method, args, compiled=False):
         devices.add(args.device)
         return {"method": method, "step_ms": 10.0, "images_per_s": 1.0, "peak_mib": 100.0 if method == "scratch" else 90.0,
                 "peak_source": "torch.cuda.max_memory_allocated"}
