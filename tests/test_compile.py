@@ -11,7 +11,7 @@ graph (a missing term, a detached feature, a hook not firing) moves them by far 
 These are the slowest tests of the suite (each compile takes tens of seconds on two cores); the
 models are resnet8 and resnet14 on batches of 4 images.
 """
-import os
+import re
 import shutil
 
 import pytest
@@ -29,20 +29,23 @@ from mdistiller_lakd.models import cifar_model_dict
 NUM_DATA = 10
 
 
+def cfg_opts(method: str, opts) -> list:
+    return ["DISTILLER.TYPE", method, "LAKD.LOCATIONS", "[1, 2, 3]", *opts]
+
+
 def make(method: str, *opts):
-    cfg = load_cfg(None, ["DISTILLER.TYPE", method, "LAKD.LOCATIONS", "[1, 2, 3]", *opts])
+    cfg = load_cfg(None, cfg_opts(method, opts))
     torch.manual_seed(0)
     teacher = cifar_model_dict["resnet14"][0](num_classes=100) if distiller_dict[method].requires_teacher else None
     torch.manual_seed(1)
     student = cifar_model_dict["resnet8"][0](num_classes=100)
-    return make_distiller(cfg, student, teacher, NUM_DATA, 100), cfg
+    return make_distiller(cfg, student, teacher, NUM_DATA, 100)
 
 
 def trainer_for(method: str, log_prefix, compiled, *opts) -> Trainer:
-    distiller, cfg = make(method, *opts)
-    run_cfg = load_cfg(None, [*sum(([k, v] for k, v in zip(opts[::2], opts[1::2])), []), "DISTILLER.TYPE", method,
-                              "LOG.PREFIX", str(log_prefix), "SOLVER.COMPILE", compiled, "SOLVER.BATCH_SIZE", 4])
-    return Trainer("run", distiller, [], [], run_cfg, torch.device("cpu"))
+    distiller = make(method, *opts)
+    cfg = load_cfg(None, [*cfg_opts(method, opts), "LOG.PREFIX", str(log_prefix), "SOLVER.COMPILE", compiled])
+    return Trainer("run", distiller, [], [], cfg, torch.device("cpu"))
 
 
 def batch(size=4):
@@ -71,15 +74,15 @@ def test_compile_from_a_yaml_file_and_a_wrong_value_named(tmp_path):
 def test_without_a_cpp_compiler_the_run_warns_and_trains_eagerly(tmp_path, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match=r"SOLVER.COMPILE True: no C\+\+ compiler found \(g\+\+ or clang\+\+ or c\+\+\); "
-                                          "training eagerly"):
+    reason = "no C++ compiler found (g++ or clang++ or c++)"
+    with pytest.warns(UserWarning, match=re.escape(f"SOLVER.COMPILE True: {reason}; training eagerly")):
         trainer = trainer_for("KD", tmp_path, True)
     assert "forward_train" not in vars(trainer.distiller)  # the class's method: nothing compiled
-    assert trainer.compile_report == "nothing compiled (no C++ compiler found (g++ or clang++ or c++)); training eagerly"
+    assert trainer.compile_report == f"nothing compiled ({reason}); training eagerly"
 
 
 def test_plans_name_what_each_method_compiles():
-    kd, lakd_eager, lakd_joint, uskd = (make(m, *o)[0] for m, o in [
+    kd, lakd_eager, lakd_joint, uskd = (make(m, *o) for m, o in [
         ("KD", []), ("LAKD", []), ("LAKD", ["LAKD.BACKWARD", "joint"]), ("USKD", [])])
     (target,), eager = kd.compile_plan()
     assert (target.name, target.owner, target.attribute, eager) == (
@@ -88,7 +91,7 @@ def test_plans_name_what_each_method_compiles():
     assert lakd_joint.compile_plan()[0][0].owner is lakd_joint
     targets, eager = lakd_eager.compile_plan()
     blocks = [lakd_eager.student.layer1[0], lakd_eager.student.layer2[0], lakd_eager.student.layer3[0]]
-    assert [(t.owner, t.attribute) for t in targets] == [(lakd_eager.teacher, "forward")] + [(b, "forward") for b in blocks]
+    assert [(t.owner, t.attribute) for t in targets] == [(m, "forward") for m in [lakd_eager.teacher, *blocks]]
     assert "back-propagate inside the blocks' forward hooks" in eager
 
 
@@ -117,7 +120,7 @@ def test_a_compiled_step_equals_the_eager_step(method, opts, tmp_path):
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
     # The compiled functions live on their owners: the distiller's keys are the eager one's.
-    assert list(compiled.distiller.state_dict()) == list(make(method, *opts)[0].state_dict())
+    assert list(compiled.distiller.state_dict()) == list(make(method, *opts).state_dict())
 
 
 def loaders(num_train=NUM_DATA, batch_size=4):
@@ -140,7 +143,7 @@ def test_a_compiled_run_compiles_once_per_shape_and_its_checkpoints_resume_eager
     torch._dynamo.reset()
     counters.clear()
     train, val = loaders()
-    Trainer("run", make("KD")[0], train, val, run_cfg(tmp_path, True, 2), torch.device("cpu")).train()
+    Trainer("run", make("KD"), train, val, run_cfg(tmp_path, True, 2), torch.device("cpu")).train()
     # Six steps over two epochs: the full batch of 4, then once more for the partial batch of 2,
     # whose recompile makes the batch dimension dynamic. Validation runs the eager forward_test.
     assert counters["stats"]["unique_graphs"] == 2
@@ -151,7 +154,7 @@ def test_a_compiled_run_compiles_once_per_shape_and_its_checkpoints_resume_eager
     assert sum(line.startswith("epoch: ") for line in lines) == 2
 
     # Checkpoints hold the models' own keys, and an eager run resumes from them.
-    fresh = make("KD")[0]
+    fresh = make("KD")
     state, student = load_checkpoint(str(run / "latest")), load_checkpoint(str(run / "student_latest"))
     assert list(state["model"]) == list(fresh.state_dict())
     assert list(student["model"]) == list(fresh.student.state_dict())

@@ -1,6 +1,7 @@
 """Training cost of distillation methods side by side, and the speed of the two CIFAR data pipelines.
 
-    python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--amp bf16] [--channels-last] [--compile] [--json]
+    python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--amp bf16] [--channels-last]
+                              [--compile] [--json]
     python tools/benchmark.py --data [--batch-size 64] [--data-root ./data] [--json]
     python tools/benchmark.py --saved [--pair res56_res20] [--batch-size 128] [--json]
     python tools/benchmark.py --cuda-report [--pair res56_res20] [--batch-size 128] [--steps 5]
