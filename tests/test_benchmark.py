@@ -159,3 +159,23 @@ def test_saved_mode_counts_each_local_modules_saved_activations(bench_tool, caps
     assert sum(shares) > 1
     assert bench_tool.main(["--saved", "--batch-size", str(batch)]) == 0
     assert "floor of LAKD eager's peak memory / from-scratch: " in capsys.readouterr().out
+
+
+def test_compile_mode_measures_every_method_eager_and_compiled(bench_tool, monkeypatch, capsys):
+    step_ms = {("scratch", False): 10.0, ("scratch", True): 5.0, ("kd", False): 20.0, ("kd", True): 8.0}
+    calls = []
+
+    def fake_run(method, args, compiled=False):
+        calls.append((method, compiled))
+        return {"method": method, "compiled": compiled, "step_ms": step_ms[method, compiled], "images_per_s": 1.0,
+                "compile_s": 30.0 if compiled else 0.0, "peak_mib": 100.0}
+
+    monkeypatch.setattr(bench_tool, "run_in_fresh_process", fake_run)
+    assert bench_tool.main(["--methods", "kd", "--compile", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert sorted(calls) == sorted(step_ms)  # each method in each mode, each in its own process
+    assert [(r["method"], r["compiled"], r["step_ms"], r["compile_s"]) for r in results] == [
+        ("scratch", False, 10.0, 0.0), ("scratch", True, 5.0, 30.0), ("kd", False, 20.0, 0.0), ("kd", True, 8.0, 30.0)]
+    assert [r["time_vs_scratch"] for r in results] == [1.0, 1.0, 2.0, 1.6]  # within each mode
+    assert bench_tool.main(["--methods", "kd", "--compile"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["kd", "20.0", "8.0", "2.50", "30.0"]
