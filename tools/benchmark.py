@@ -192,13 +192,14 @@ def run_in_fresh_process(method: str, args: argparse.Namespace, compiled: bool =
 
 
 def compare_methods(args: argparse.Namespace) -> dict:
-    """Every method of ``args.methods`` (scratch first), eagerly, and with ``args.compile`` compiled
-    too; ratios are taken within a mode. Records in method order, eager before compiled."""
+    """Every method of ``args.methods`` (scratch first), eagerly and, with ``args.compile``, right
+    after compiled (a noisy machine drifts less between the two); ratios are taken within a mode."""
     methods = ["scratch"] + [m for m in args.methods if m != "scratch"]
     modes = (False, True) if args.compile else (False,)
-    runs = {compiled: [{"compiled": compiled, **run_in_fresh_process(method, args, compiled)} for method in methods]
-            for compiled in modes}
-    for results in runs.values():
+    records = [{"compiled": compiled, **run_in_fresh_process(method, args, compiled)}
+               for method in methods for compiled in modes]
+    for mode in modes:
+        results = [record for record in records if record["compiled"] == mode]
         scratch = results[0]
         cat_kd = next((result for result in results if result["method"] == "cat_kd"), None)
         for result in results:
@@ -206,9 +207,8 @@ def compare_methods(args: argparse.Namespace) -> dict:
             result["memory_vs_scratch"] = result["peak_mib"] / scratch["peak_mib"]
             if cat_kd is not None:  # LAKD's paper compares its memory with CAT-KD's
                 result["memory_vs_cat_kd"] = result["peak_mib"] / cat_kd["peak_mib"]
-    results = [result for records in zip(*runs.values()) for result in records]
     return {"pair": args.pair, "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
-            "channels_last": args.channels_last, "compile": args.compile, "results": results}
+            "channels_last": args.channels_last, "compile": args.compile, "results": records}
 
 
 def print_methods(report: dict, steps: int) -> None:
