@@ -109,10 +109,13 @@ EXACT = [("KD", []), ("DKD", []), ("CAT_KD", []), ("LAKD", ["LAKD.BACKWARD", "ea
 
 @pytest.mark.parametrize("method,opts", EXACT, ids=["KD", "DKD", "CAT_KD", "LAKD-eager", "LAKD-joint", "NKD", "USKD"])
 def test_a_compiled_step_equals_the_eager_step(method, opts, tmp_path):
+    torch._dynamo.reset()
+    counters.clear()
     eager_losses, eager_grads = train_step(trainer_for(method, tmp_path / "eager", False, *opts))
     compiled = trainer_for(method, tmp_path / "compiled", True, *opts)
     assert compiled.compile_report.startswith("compiled (default): ")
     losses, grads = train_step(compiled)
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled code ran, no eager fallback
     assert losses.keys() == eager_losses.keys()
     for key, value in eager_losses.items():
         assert losses[key] == pytest.approx(value, rel=1e-4), key
