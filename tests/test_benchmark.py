@@ -51,7 +51,7 @@ def test_a_method_is_timed_through_the_trainer_step_with_amp_and_channels_last(b
 def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypatch, capsys):
     costs = {"scratch": (10.0, 100.0), "kd": (15.0, 120.0), "lakd_eager": (20.0, 80.0)}
 
-    def fake_run(method, args):
+    def fake_run(method, args, compiled=False):
         step_ms, peak_mib = costs[method]
         return {"method": method, "step_ms": step_ms, "images_per_s": 1000 * args.batch_size / step_ms,
                 "peak_mib": peak_mib}
@@ -69,7 +69,7 @@ def test_methods_are_reported_against_training_from_scratch(bench_tool, monkeypa
 
 def test_memory_is_also_reported_against_cat_kd_when_it_is_measured(bench_tool, monkeypatch, capsys):
     peaks = {"scratch": 100.0, "cat_kd": 125.0, "lakd_eager": 80.0}
-    monkeypatch.setattr(bench_tool, "run_in_fresh_process", lambda method, args: {
+    monkeypatch.setattr(bench_tool, "run_in_fresh_process", lambda method, args, compiled=False: {
         "method": method, "step_ms": 10.0, "images_per_s": 1.0, "peak_mib": peaks[method]})
     assert bench_tool.main(["--methods", "cat_kd", "lakd_eager", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
@@ -108,7 +108,7 @@ def test_cuda_report_prints_test_outcomes_and_the_cuda_benchmark_in_one_table(be
     monkeypatch.setattr(bench_tool, "run_cuda_tests", lambda: outcomes)
     devices = set()
 
-    def fake_run(method, args):
+    def fake_run(method, args, compiled=False):
         devices.add(args.device)
         return {"method": method, "step_ms": 10.0, "images_per_s": 1.0, "peak_mib": 100.0 if method == "scratch" else 90.0,
                 "peak_source": "torch.cuda.max_memory_allocated"}
@@ -159,3 +159,23 @@ def test_saved_mode_counts_each_local_modules_saved_activations(bench_tool, caps
     assert sum(shares) > 1
     assert bench_tool.main(["--saved", "--batch-size", str(batch)]) == 0
     assert "floor of LAKD eager's peak memory / from-scratch: " in capsys.readouterr().out
+
+
+def test_compile_mode_measures_every_method_eager_and_compiled(bench_tool, monkeypatch, capsys):
+    step_ms = {("scratch", False): 10.0, ("scratch", True): 5.0, ("kd", False): 20.0, ("kd", True): 8.0}
+    calls = []
+
+    def fake_run(method, args, compiled=False):
+        calls.append((method, compiled))
+        return {"method": method, "compiled": compiled, "step_ms": step_ms[method, compiled], "images_per_s": 1.0,
+                "compile_s": 30.0 if compiled else 0.0, "peak_mib": 100.0}
+
+    monkeypatch.setattr(bench_tool, "run_in_fresh_process", fake_run)
+    assert bench_tool.main(["--methods", "kd", "--compile", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert calls == list(step_ms)  # each method eager, then compiled, each in its own process
+    assert [(r["method"], r["compiled"], r["step_ms"], r["compile_s"]) for r in results] == [
+        ("scratch", False, 10.0, 0.0), ("scratch", True, 5.0, 30.0), ("kd", False, 20.0, 0.0), ("kd", True, 8.0, 30.0)]
+    assert [r["time_vs_scratch"] for r in results] == [1.0, 1.0, 2.0, 1.6]  # within each mode
+    assert bench_tool.main(["--methods", "kd", "--compile"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["kd", "20.0", "8.0", "2.50", "30.0"]

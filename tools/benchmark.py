@@ -1,6 +1,7 @@
 """Training cost of distillation methods side by side, and the speed of the two CIFAR data pipelines.
 
-    python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--amp bf16] [--channels-last] [--json]
+    python tools/benchmark.py [--pair res56_res20] [--batch-size 128] [--steps 5] [--amp bf16] [--channels-last]
+                              [--compile] [--json]
     python tools/benchmark.py --data [--batch-size 64] [--data-root ./data] [--json]
     python tools/benchmark.py --saved [--pair res56_res20] [--batch-size 128] [--json]
     python tools/benchmark.py --cuda-report [--pair res56_res20] [--batch-size 128] [--steps 5]
@@ -12,7 +13,12 @@ steps after the warm-up ones, images per second at that median, and the peak mem
 process held before its first step (CUDA: the allocator's peak; CPU: the peak resident set, VmHWM
 reset through /proc/self/clear_refs, with glibc told to hand freed memory back at once so that
 resident memory follows the tensors alive); each also as a ratio to training the student from
-scratch, and to CAT-KD when it is measured.
+scratch, and to CAT-KD when it is measured (each within its mode).
+
+--compile: every method also with SOLVER.COMPILE True (docs/compile.md), each mode in its own fresh
+process of the same run: both step times, eager / compiled, and the one-off compilation time (the
+first step's time above the median step's, with an empty inductor cache). ``--json`` gives one
+record per method and mode, with ``compiled`` (bool) and ``compile_s`` (0 when eager).
 
 --data: images per second that DATASET.PIPELINE "torchvision" (DataLoader, per-image PIL,
 DATASET.NUM_WORKERS workers) and "tensor" (batched on the device) deliver onto the training device,
@@ -156,8 +162,10 @@ def measure(
     device: torch.device,
     amp: str = "",
     channels_last: bool = False,
+    compiled: bool = False,
 ) -> dict:
-    """Median step time, images per second and peak memory of ``method`` in this process."""
+    """Median step time, images per second and peak memory of ``method`` in this process; with
+    ``compiled`` (SOLVER.COMPILE True) also the compilation time of its first step."""
     torch.manual_seed(0)
     distiller = build(method, pair)
     method_cfg = method_config(method, pair)
@@ -166,7 +174,7 @@ def measure(
     batch = tuple(item.to(device) for item in batch)
     with tempfile.TemporaryDirectory() as log_prefix:  # the trainer's logs, unread
         cfg = load_cfg(None, ["LOG.PREFIX", log_prefix, "SOLVER.AMP", amp, "SOLVER.CHANNELS_LAST", channels_last,
-                              "SOLVER.TRAINER", method_cfg.SOLVER.TRAINER])
+                              "SOLVER.TRAINER", method_cfg.SOLVER.TRAINER, "SOLVER.COMPILE", compiled])
         trainer = Trainer("benchmark", distiller, [batch], [batch[:2]], cfg, device)
         trainer.tf_writer.close()
     trainer.model.train()  # a distiller keeps its teacher in eval mode
@@ -181,32 +189,41 @@ def measure(
         times.append(time.perf_counter() - start)
     peak = memory.peak()
     step = statistics.median(times[warmup:])
-    return {"method": method, "step_ms": 1000 * step, "images_per_s": batch_size / step, "peak_mib": peak / 2**20,
-            "peak_source": memory.source}
+    return {"method": method, "compiled": compiled, "step_ms": 1000 * step, "images_per_s": batch_size / step,
+            "compile_s": times[0] - step if compiled else 0.0, "peak_mib": peak / 2**20, "peak_source": memory.source}
 
 
-def run_in_fresh_process(method: str, args: argparse.Namespace) -> dict:
+def run_in_fresh_process(method: str, args: argparse.Namespace, compiled: bool = False) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--pair", args.pair,
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--amp", args.amp] + (["--channels-last"] if args.channels_last else [])
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **GLIBC_ENV})
+    command += ["--compile"] if compiled else []
+    with tempfile.TemporaryDirectory() as cache:  # inductor's on-disk cache, empty: the first run's compile time
+        env = {**os.environ, **GLIBC_ENV, **({"TORCHINDUCTOR_CACHE_DIR": cache} if compiled else {})}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark of {method} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def compare_methods(args: argparse.Namespace) -> dict:
+    """Every method of ``args.methods`` (scratch first), eagerly and, with ``args.compile``, right
+    after compiled (a noisy machine drifts less between the two); ratios are taken within a mode."""
     methods = ["scratch"] + [m for m in args.methods if m != "scratch"]
-    results = [run_in_fresh_process(method, args) for method in methods]
-    scratch = results[0]
-    cat_kd = next((result for result in results if result["method"] == "cat_kd"), None)
-    for result in results:
-        result["time_vs_scratch"] = result["step_ms"] / scratch["step_ms"]
-        result["memory_vs_scratch"] = result["peak_mib"] / scratch["peak_mib"]
-        if cat_kd is not None:  # LAKD's paper compares its memory with CAT-KD's
-            result["memory_vs_cat_kd"] = result["peak_mib"] / cat_kd["peak_mib"]
+    modes = (False, True) if args.compile else (False,)
+    records = [{"compiled": compiled, **run_in_fresh_process(method, args, compiled)}
+               for method in methods for compiled in modes]
+    for mode in modes:
+        results = [record for record in records if record["compiled"] == mode]
+        scratch = results[0]
+        cat_kd = next((result for result in results if result["method"] == "cat_kd"), None)
+        for result in results:
+            result["time_vs_scratch"] = result["step_ms"] / scratch["step_ms"]
+            result["memory_vs_scratch"] = result["peak_mib"] / scratch["peak_mib"]
+            if cat_kd is not None:  # LAKD's paper compares its memory with CAT-KD's
+                result["memory_vs_cat_kd"] = result["peak_mib"] / cat_kd["peak_mib"]
     return {"pair": args.pair, "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
-            "channels_last": args.channels_last, "results": results}
+            "channels_last": args.channels_last, "compile": args.compile, "results": records}
 
 
 def print_methods(report: dict, steps: int) -> None:
@@ -214,11 +231,26 @@ def print_methods(report: dict, steps: int) -> None:
     layout = ", channels_last" if report["channels_last"] else ""
     print(f"{report['pair']}, batch {report['batch_size']}, {report['device']}{amp}{layout}: median of {steps} "
           "steps, peak memory above the first step's start")
-    print(f"{'method':<12} {'step ms':>9} {'images/s':>9} {'peak MiB':>9} {'time/scratch':>13} {'memory/scratch':>15}"
-          f" {'memory/cat_kd':>14}")
+    width = 16 if report.get("compile") else 12  # room for " (c)", the compiled rows
+    print(f"{'method':<{width}} {'step ms':>9} {'images/s':>9} {'peak MiB':>9} {'time/scratch':>13} "
+          f"{'memory/scratch':>15} {'memory/cat_kd':>14}")
     for r in report["results"]:
-        print(f"{r['method']:<12} {r['step_ms']:9.1f} {r['images_per_s']:9.0f} {r['peak_mib']:9.1f} "
+        name = r["method"] + (" (c)" if r.get("compiled") else "")
+        print(f"{name:<{width}} {r['step_ms']:9.1f} {r['images_per_s']:9.0f} {r['peak_mib']:9.1f} "
               f"{r['time_vs_scratch']:13.2f} {r['memory_vs_scratch']:15.2f} {_ratio(r.get('memory_vs_cat_kd')):>14}")
+    if report.get("compile"):
+        print_compiled(report["results"])
+
+
+def print_compiled(results: list[dict]) -> None:
+    """Eager against compiled, per method: the (c) rows above are the compiled ones."""
+    compiled = {r["method"]: r for r in results if r["compiled"]}
+    print(f"\n{'method':<12} {'eager ms':>9} {'compiled ms':>12} {'eager/compiled':>15} {'compile s':>10}")
+    for r in results:
+        if not r["compiled"]:
+            c = compiled[r["method"]]
+            print(f"{r['method']:<12} {r['step_ms']:9.1f} {c['step_ms']:12.1f} {r['step_ms'] / c['step_ms']:15.2f} "
+                  f"{c['compile_s']:10.1f}")
 
 
 def _ratio(value: float | None) -> str:
@@ -368,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="", choices=["", "bf16", "fp16"], help="SOLVER.AMP")
     parser.add_argument("--channels-last", action="store_true", help="SOLVER.CHANNELS_LAST")
+    parser.add_argument("--compile", action="store_true", help="each method also with SOLVER.COMPILE True")
     parser.add_argument("--data", action="store_true", help="compare the CIFAR data pipelines instead")
     parser.add_argument("--saved", action="store_true", help="bytes saved for backward per LAKD local module")
     parser.add_argument("--data-root", default="./data", help="--data: DATASET.ROOT holding CIFAR-100")
@@ -381,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.batch_size or (64 if args.data else 128)
     if args.worker:
         result = measure(args.worker, args.pair, args.batch_size, args.steps, args.warmup, torch.device(args.device),
-                         args.amp, args.channels_last)
+                         args.amp, args.channels_last, args.compile)
         print(json.dumps(result))
         return 0
     if args.cuda_report:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..augment import KINDS, PADDINGS, LearnedAffineAugmentor
 from ..engine.distributed import average_gradients
-from ._base import Distiller, ImageGrid
+from ._base import CompileTarget, Distiller, ImageGrid
 from ._common import count_parameters
 from .KD import kd_loss
 
@@ -119,6 +119,12 @@ class HARD(Distiller):
         """One detached draw of the current augmentor, in float32."""
         with torch.no_grad(), torch.autocast(image.device.type, enabled=False):
             return self.augmentor(image.float())
+
+    def compile_plan(self) -> tuple[list[CompileTarget], str]:
+        return self.models_only_plan(
+            "its augmentor samples random transforms and takes "
+            "its own optimizer step inside the forward"
+        )
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
         if self.step_count.item() % self.update_every == 0:

@@ -15,7 +15,7 @@ from ..lakd.blocks import check_locations, find_blocks, stage_start_locations
 from ..lakd.cam import HeadMapHook, cat_loss, classifier_weight, pooled_class_maps
 from ..lakd.ndam import attach_ndam
 from ..lakd.sdm import Connector, LocalModules, probe_shapes, resolution_matched
-from ._base import Distiller
+from ._base import CompileTarget, Distiller
 
 
 class LAKD(Distiller):
@@ -102,6 +102,18 @@ class LAKD(Distiller):
     @grad_scaler.setter
     def grad_scaler(self, scaler) -> None:
         self.sdm.grad_scaler = scaler
+
+    def compile_plan(self) -> tuple[list[CompileTarget], str]:
+        """Joint backward: the whole training forward, hooks traced into its graph. Eager backward
+        back-propagates inside the cut blocks' forward hooks, which a graph cannot hold: each block's
+        own forward is compiled (its hooks run eagerly around it), and the teacher."""
+        if not self.local_backward:
+            return super().compile_plan()
+        blocks = [CompileTarget("student block", block) for _, block in find_blocks(self.student)]
+        return [CompileTarget("teacher", self.teacher), *blocks], (
+            "the student's stem and head, the SDM/NDAM hooks and the losses (the local losses "
+            "back-propagate inside the blocks' forward hooks)"
+        )
 
     def get_learnable_parameters(self) -> list[nn.Parameter]:
         return super().get_learnable_parameters() + list(self.sdm.parameters())

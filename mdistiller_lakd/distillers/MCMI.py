@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..engine.checkpoint import load_checkpoint, load_weights
 from ..engine.metrics import CMIAccumulator
 from ..models import cifar_model_dict
-from ._base import Distiller
+from ._base import CompileTarget, Distiller
 
 
 def check_mcmi_config(cfg) -> None:
@@ -141,6 +141,12 @@ class MCMI(Distiller):
         (global RNG: the same draw on every rank, replayed by a resumed run)."""
         idx = torch.randperm(self.pool_per_class, device=self.class_pool.device)[: self.samples_per_class]
         return self.class_pool.unflatten(0, (self.num_classes, self.pool_per_class))[:, idx]
+
+    def compile_plan(self) -> tuple[list[CompileTarget], str]:
+        return self.models_only_plan(
+            "it draws pool images with the global "
+            "RNG and moves its centroids inside the forward"
+        )
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **kwargs):
         logits, _ = self.student(image)

@@ -17,6 +17,15 @@ class ImageGrid(NamedTuple):
     rows: torch.Tensor  # [rows, n, C, H, W], in the normalised input space of the training images
 
 
+class CompileTarget(NamedTuple):
+    """A function ``SOLVER.COMPILE`` compiles: ``owner.<attribute>``, replaced on ``owner`` by its
+    compiled self (nothing is wrapped: state_dict keys and hooks on ``owner`` stay as they are)."""
+
+    name: str  # what the worklog calls it
+    owner: object
+    attribute: str = "forward"
+
+
 class Distiller(nn.Module):
     """A student trained against a frozen teacher.
 
@@ -27,7 +36,8 @@ class Distiller(nn.Module):
     keyword arguments of ``build_kwargs``; the Trainer calls ``on_train_start`` once per fresh run.
     Other optional trainer hooks, no-ops here: ``get_self_optimized_parameters`` (parameters the method
     steps with its own optimizer), ``epoch_metrics`` (per-epoch scalars) and ``epoch_images`` (a
-    per-epoch image grid of ``num_epoch_images`` fixed validation images).
+    per-epoch image grid of ``num_epoch_images`` fixed validation images) and ``compile_plan``
+    (what ``SOLVER.COMPILE`` may compile).
     """
 
     # Whether the method distils a trained teacher: ``build_distiller`` loads one only when True
@@ -91,6 +101,22 @@ class Distiller(nn.Module):
         images (fewer if the validation set is smaller); called on the main rank only, with the
         global RNG state restored afterwards."""
         return []
+
+    def compile_plan(self) -> tuple[list[CompileTarget], str]:
+        """What ``SOLVER.COMPILE`` compiles, and what then still runs eagerly and why ("" if nothing).
+
+        By default the whole training forward, teacher, student and loss in one graph: right for a
+        method whose forward is a function of its inputs and weights. A method that draws random
+        numbers, keeps state outside its modules or back-propagates inside its forward narrows it
+        (``models_only_plan``)."""
+        models = "teacher, student" if self.teacher is not None else "student"
+        return [CompileTarget(f"training forward ({models}, loss)", self, "forward_train")], ""
+
+    def models_only_plan(self, reason: str) -> tuple[list[CompileTarget], str]:
+        """The plan of a method whose loss must run eagerly (``reason``): the teacher's and the
+        student's forwards compiled, each alone."""
+        models = [("teacher", self.teacher), ("student", self.student)]
+        return [CompileTarget(name, model) for name, model in models if model is not None], f"the loss ({reason})"
 
     @torch.no_grad()
     def teacher_outputs(self, image: torch.Tensor) -> tuple[torch.Tensor, dict]:

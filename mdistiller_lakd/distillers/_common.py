@@ -150,6 +150,9 @@ def ignored_teacher(method: str, teacher: nn.Module | None) -> None:
 
 
 def drop_target_column(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``values`` (N x C) without each row's target column: N x (C - 1), classes in their order."""
-    keep = torch.ones_like(values, dtype=torch.bool).scatter_(1, target.unsqueeze(1), False)
-    return values[keep].reshape(values.shape[0], -1)
+    """``values`` (N x C) without each row's target column: N x (C - 1), classes in their order.
+
+    A gather of computed columns, not boolean indexing: its shape does not depend on the data, so a
+    compiled loss keeps it in its graph."""
+    columns = torch.arange(values.shape[1] - 1, device=values.device).expand(values.shape[0], -1)
+    return values.gather(1, columns + (columns >= target.unsqueeze(1)).long())

@@ -77,6 +77,7 @@ CFG.SOLVER.AMP = ""  # ours: "" | "bf16" | "fp16"
 CFG.SOLVER.CHANNELS_LAST = False  # ours
 CFG.SOLVER.SYNC_BN = False  # ours: SyncBatchNorm under torchrun
 CFG.SOLVER.CHECKPOINT_MINUTES = 0  # ours: a mid-epoch `latest` every N minutes; 0 = off (docs/preemption.md)
+CFG.SOLVER.COMPILE = False  # ours: False | True | "default" | "reduce-overhead" | "max-autotune" (docs/compile.md)
 CFG.SOLVER.DOT = CN()
 CFG.SOLVER.DOT.DELTA = 0.075
 
@@ -315,6 +316,8 @@ def load_cfg(path: str | None = None, opts: Sequence[str] = ()) -> CN:
     or a value has the wrong type; the returned config is frozen.
     """
     cfg = CFG.clone()
+    for key in _BOOL_OR_NAME_KEYS:
+        _set(cfg, key, None)
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
@@ -339,6 +342,9 @@ def load_cfg(path: str | None = None, opts: Sequence[str] = ()) -> CN:
             raise ConfigError(f"command-line override: unknown config key '{_key_of(error)}'") from None
         except ValueError as error:
             raise ConfigError(f"command-line override: {error}") from None
+    for key, default in _BOOL_OR_NAME_KEYS.items():
+        if _get(cfg, key) is None:
+            _set(cfg, key, default)
     cfg.freeze()
     return cfg
 
@@ -398,6 +404,9 @@ _RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "REVIEWKD.WARMUP_EPOCHS": _above(0),
     "LAKD.LOSS.CAM_RESOLUTION": _at_least(1),
 }
+# Keys that take a bool or a name (SOLVER.COMPILE: False, True or a mode), with their defaults:
+# yacs requires an override to have the default's type, so load_cfg merges them from None.
+_BOOL_OR_NAME_KEYS = {"SOLVER.COMPILE": False}
 _CHOICES = {
     "SOLVER.SCHEDULER": ("step", "linear", "cosine"),
     "LAKD.BACKWARD": ("eager", "joint"),
@@ -408,6 +417,13 @@ def _get(cfg: CN, key: str):
     for part in key.split("."):
         cfg = cfg[part]
     return cfg
+
+
+def _set(cfg: CN, key: str, value) -> None:
+    *path, name = key.split(".")
+    for part in path:
+        cfg = cfg[part]
+    cfg[name] = value
 
 
 def _is_number(value) -> bool:
@@ -460,6 +476,9 @@ def check_values(cfg: CN) -> None:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    from .compile import compile_mode  # imports this module's ConfigError
+
+    compile_mode(cfg.SOLVER.COMPILE)
     for key, value in _weight_keys(cfg):
         values = value if isinstance(value, (list, tuple)) else [value]
         if not all(_is_number(v) and v >= 0 for v in values):

@@ -17,7 +17,8 @@ worklog and tensorboard, its ``epoch_images`` grids go to ``<folder>/epoch_N.png
 Under torchrun (``distributed.py``) every rank trains on its share of each global batch and
 validates on the whole validation set; only the main rank writes logs, config and checkpoints.
 ``SOLVER.AMP`` runs forward passes (training and validation) under ``torch.autocast``, with a
-``GradScaler`` for fp16; ``SOLVER.CHANNELS_LAST`` puts models and images in channels_last.
+``GradScaler`` for fp16; ``SOLVER.CHANNELS_LAST`` puts models and images in channels_last;
+``SOLVER.COMPILE`` compiles what the distiller's ``compile_plan`` allows (``compile.py``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..dataset import normalization
 from .cfg import ConfigError
 from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from .compile import compile_for_training
 from .metrics import extracurricular_knowledge, top1_agreement
 from .preemption import CONTINUE, STOP, StopSignals, TrainingStopped
 from .resumable import resumable_loader
@@ -83,6 +85,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.SOLVER.AMP, self.device)
         self.memory_format = torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.preserve_format
         self.distiller = distiller.to(self.device, memory_format=self.memory_format)
+        self.compile_report = compile_for_training(self.distiller, cfg, self.device)  # SOLVER.COMPILE, in place
         # `model` is what a training step calls (the distiller, or DDP around it); `after_backward`
         # averages gradients across ranks where DDP cannot (distillers with a local backward).
         self.model, self.after_backward = distributed.prepare_for_training(self.distiller, cfg, self.device)
@@ -131,6 +134,7 @@ class Trainer:
     def train(self, resume: bool = False) -> None:
         """Train epochs 1..SOLVER.EPOCHS, or, with ``resume``, the epochs after ``latest``'s."""
         first_epoch = self._resume() + 1 if resume else self._start_fresh()
+        self._log_compile()
         with self.stop_signals:
             for epoch in range(first_epoch, self.cfg.SOLVER.EPOCHS + 1):
                 self.train_epoch(epoch)
@@ -340,6 +344,14 @@ class Trainer:
             self.tf_writer.add_scalar(key, value, 0)
         with open(self.worklog_path, "a") as worklog:
             worklog.write("".join(f"{key}: {value:.4f}\n" for key, value in metrics.items()))
+
+    def _log_compile(self) -> None:
+        """SOLVER.COMPILE's report (what was compiled, what runs eagerly and why), once per run."""
+        if not self.is_main or not self.compile_report:
+            return
+        print(log_msg(f"SOLVER.COMPILE: {self.compile_report}", "INFO"))
+        with open(self.worklog_path, "a") as worklog:
+            worklog.write(f"compile: {self.compile_report}\n")
 
     def _log_epoch(
         self, epoch: int, lr: float, log_dict: OrderedDict, meters: dict[str, AverageMeter],
