@@ -20,6 +20,7 @@ import warnings
 from collections import Counter
 
 import torch
+import torch._functorch.config
 import torch.nn as nn
 from yacs.config import CfgNode
 
@@ -54,8 +55,11 @@ def missing_compiler(device: torch.device) -> str | None:
     return f"no C++ compiler found ({' or '.join(compilers)})"
 
 
-def compile_for_training(distiller: nn.Module, cfg: CfgNode, device: torch.device) -> str:
+def compile_for_training(
+    distiller: nn.Module, cfg: CfgNode, device: torch.device, retains_graph: bool = False
+) -> str:
     """Compile in place what ``distiller.compile_plan()`` names, under ``SOLVER.COMPILE``'s mode.
+    ``retains_graph``: the training step back-propagates through one graph twice (DOT).
 
     Returns the worklog's report line; "" when SOLVER.COMPILE is False (nothing is logged then)."""
     mode = compile_mode(cfg.SOLVER.COMPILE)
@@ -65,7 +69,15 @@ def compile_for_training(distiller: nn.Module, cfg: CfgNode, device: torch.devic
     if reason is not None:
         warnings.warn(f"SOLVER.COMPILE {cfg.SOLVER.COMPILE}: {reason}; training eagerly")
         return f"nothing compiled ({reason}); training eagerly"
-    targets, eager = distiller.compile_plan()
+    if retains_graph:
+        # A compiled backward frees ("donates") its saved buffers, which a second backward through
+        # the same graph still needs; off for the whole process, as the step runs every iteration.
+        torch._functorch.config.donated_buffer = False
+        # Measured (torch 2.14, KD with DOT): a whole compiled training forward back-propagated
+        # twice gives the early layers wrong gradients; the models compiled alone give exact ones.
+        targets, eager = distiller.models_only_plan("SOLVER.TRAINER back-propagates twice")
+    else:
+        targets, eager = distiller.compile_plan()
     for target in targets:
         setattr(target.owner, target.attribute, torch.compile(getattr(target.owner, target.attribute), mode=mode))
     config = torch._dynamo.config

@@ -47,6 +47,11 @@ class SummedLossStep:
         trainer.scaler.update()
 
 
+def retains_graph(cfg: CfgNode) -> bool:
+    """Whether SOLVER.TRAINER's step back-propagates through one graph twice (DOT's two passes)."""
+    return cfg.SOLVER.TRAINER in DOT_TRAINERS
+
+
 def build_step(cfg: CfgNode, trainer) -> Callable[[dict[str, torch.Tensor]], None]:
     """What ``trainer``'s training step runs on the forward's losses_dict, gradients zeroed: the
     backward pass(es) and the optimizer step, with the trainer's ``model`` (DDP or not),

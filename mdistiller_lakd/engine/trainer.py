@@ -43,7 +43,7 @@ from .compile import compile_for_training
 from .metrics import extracurricular_knowledge, top1_agreement
 from .preemption import CONTINUE, STOP, StopSignals, TrainingStopped
 from .resumable import resumable_loader
-from .steps import SUPPORTED_TRAINERS, build_optimizer, build_step
+from .steps import SUPPORTED_TRAINERS, build_optimizer, build_step, retains_graph
 from .utils import (
     AverageMeter, accuracy, amp_dtype, get_rng_state, learning_rate, log_msg, set_rng_state, validate,
 )
@@ -85,7 +85,8 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.SOLVER.AMP, self.device)
         self.memory_format = torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.preserve_format
         self.distiller = distiller.to(self.device, memory_format=self.memory_format)
-        self.compile_report = compile_for_training(self.distiller, cfg, self.device)  # SOLVER.COMPILE, in place
+        # SOLVER.COMPILE, in place
+        self.compile_report = compile_for_training(self.distiller, cfg, self.device, retains_graph(cfg))
         # `model` is what a training step calls (the distiller, or DDP around it); `after_backward`
         # averages gradients across ranks where DDP cannot (distillers with a local backward).
         self.model, self.after_backward = distributed.prepare_for_training(self.distiller, cfg, self.device)
