@@ -21,7 +21,8 @@ from mdistiller_lakd.engine import runlock
 from mdistiller_lakd.engine.cfg import ConfigError, load_cfg
 from mdistiller_lakd.engine.checkpoint import save_checkpoint
 from mdistiller_lakd.grid import local
-from mdistiller_lakd.grid.cells import LOG_FILE, SKIP, TRAIN_SCRIPT, cell_state, load_grid, train_command
+from mdistiller_lakd.engine.preemption import REQUEUE_EXIT_STATUS
+from mdistiller_lakd.grid.cells import EXIT_FILE, LOG_FILE, SKIP, TRAIN_SCRIPT, cell_state, load_grid, train_command
 from mdistiller_lakd.engine.utils import experiment_name
 from mdistiller_lakd.grid.local import LocalQueue, visible_gpus
 from mdistiller_lakd.models import cifar_model_dict
@@ -200,6 +201,21 @@ def test_report_lists_missing_cells_by_name(tmp_path):
     assert status == 1
     assert "missing (4: no epoch finished)" in out
     assert "  cifar100_baselines/kd,resnet56,resnet20,seed0" in out
+
+
+def test_report_tells_a_cell_stopped_by_a_signal_from_a_failed_one(tmp_path):
+    with working_directory(tmp_path):
+        cells = load_grid(TINY).cells
+        for cell, status in zip(cells, (REQUEUE_EXIT_STATUS, 1)):
+            os.makedirs(cell.run_dir)
+            save_checkpoint({"epoch": 0}, os.path.join(cell.run_dir, "latest"))
+            with open(os.path.join(cell.run_dir, EXIT_FILE), "w") as exit_file:
+                exit_file.write(f"{status}\n")
+        assert cell_state(cells[0]).detail == "0/1 epochs logged, last attempt stopped by a signal, resumes where it stopped"
+        status, out, _ = call_grid(TINY, "--report")
+    assert status == 1
+    stopped, failed = out.split("stopped by a signal, to resume (1):\n")[1].split("failed (1):\n")
+    assert stopped.strip().startswith(cells[0].name) and failed.strip().startswith(f"{cells[1].name}: exit status 1")
 
 
 def test_without_submitit_slurm_names_the_extra(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ from ..analysis.runs import WORKLOG, RunError, group_runs, markdown_table, parse
 from ..engine.build import REPO_ROOT
 from ..engine.cfg import ConfigError, load_cfg, yaml_error_message
 from ..engine.checkpoint import atomic_write
+from ..engine.preemption import REQUEUE_EXIT_STATUS
 from ..engine.runlock import live_holder
 from ..engine.utils import experiment_name
 
@@ -240,10 +241,17 @@ def cell_state(cell: Cell) -> CellState:
     if final_best is not None and logged >= cell.epochs:
         return CellState(SKIP, "finished")
     status = last_exit_status(cell)
-    failed = f"last attempt exited with status {status}" if status else ""
+    failed = attempt_note(status)
     if os.path.exists(os.path.join(cell.run_dir, "latest")):
         return CellState(RESUME, ", ".join(filter(None, [f"{logged}/{cell.epochs} epochs logged", failed])))
     return CellState(RUN, failed)
+
+
+def attempt_note(status: int | None) -> str:
+    """What a cell's last exit status says: "" for none or success."""
+    if status == REQUEUE_EXIT_STATUS:  # a signal (preemption, time limit): its `latest` is mid-epoch
+        return "last attempt stopped by a signal, resumes where it stopped"
+    return f"last attempt exited with status {status}" if status else ""
 
 
 def train_command(cell: Cell, gpus: int = 1) -> list[str]:
@@ -328,15 +336,17 @@ def listing(grid: Grid) -> str:
 
 def report(cells: Sequence[Cell]) -> tuple[str, bool]:
     """The results table of ``cells`` (tools/compare.py's: mean ± std over seeds, best and last,
-    gain over the from-scratch student) followed by the cells missing, running or failed, by name;
-    and whether every cell finished."""
-    runs, missing, failed, running, complete = [], [], [], [], True
+    gain over the from-scratch student) followed by the cells missing, running, stopped by a signal
+    or failed, by name; and whether every cell finished."""
+    runs, missing, failed, running, stopped, complete = [], [], [], [], [], True
     for cell in cells:
         state = cell_state(cell)
         complete = complete and state.action == SKIP
         status = last_exit_status(cell)
         if state.action == RUNNING:
             running.append(f"  {cell.name}: {state.detail}")
+        elif status == REQUEUE_EXIT_STATUS and state.action != SKIP:
+            stopped.append(f"  {cell.name}: {state.detail}")
         elif status and state.action != SKIP:
             failed.append(f"  {cell.name}: exit status {status}, log {os.path.join(cell.run_dir, LOG_FILE)}")
         try:
@@ -348,6 +358,8 @@ def report(cells: Sequence[Cell]) -> tuple[str, bool]:
         parts.append(f"missing ({len(missing)}: no epoch finished):\n" + "\n".join(missing))
     if running:
         parts.append(f"running ({len(running)}):\n" + "\n".join(running))
+    if stopped:
+        parts.append(f"stopped by a signal, to resume ({len(stopped)}):\n" + "\n".join(stopped))
     if failed:
         parts.append(f"failed ({len(failed)}):\n" + "\n".join(failed))
     return "\n".join(parts), complete
