@@ -394,6 +394,33 @@ def test_imports_map_onto_upstream_and_anything_else_is_refused():
         rewrite_imports("from ._base import Distiller\n", "distillers/LAKD.py", {"mdistiller.distillers._base": set()})
 
 
+def test_methods_for_this_projects_trainer_hooks_are_left_out():
+    source = textwrap.dedent("""\
+        from ._base import CompileTarget, Distiller
+
+
+        class LAKD(Distiller):
+            def forward_train(self):
+                return 1
+
+            def compile_plan(self):
+                return [CompileTarget("teacher", self.teacher)], ""
+
+            def forward_test(self):
+                return 2
+        """)
+    stripped = sources.strip_trainer_only_methods(source, "distillers/LAKD.py")
+    assert stripped == source.replace("CompileTarget, ", "").replace(
+        '\n    def compile_plan(self):\n        return [CompileTarget("teacher", self.teacher)], ""\n', "")
+    used_elsewhere = source.replace("return 2", "return CompileTarget")
+    with pytest.raises(GenerationError, match=r"LAKD.py uses CompileTarget outside compile_plan"):
+        sources.strip_trainer_only_methods(used_elsewhere, "distillers/LAKD.py")
+    # The real LAKD has such a method; what ships has neither it nor the name.
+    shipped = sources.shipped_files({"mdistiller.distillers._base": {"Distiller"}})["mdistiller/distillers/LAKD.py"]
+    assert "def compile_plan" in (sources.PACKAGE_ROOT / "distillers/LAKD.py").read_text()
+    assert "compile_plan" not in shipped and "CompileTarget" not in shipped
+
+
 def test_every_text_rewrite_is_needed():
     texts = [(sources.PACKAGE_ROOT / ours).read_text() for ours in sources.SHIPPED]
     assert [old for old in sources.TEXT_REWRITES if not any(old in text for text in texts)] == []

@@ -85,6 +85,7 @@ METHODS = {
     "kdsvd": ("kdsvd", []),
     "kd_dot": ("dot/kd", []),  # KD trained with DOT: two backward passes a step
 }
+BENCHMARK_LR = 1e-4
 CIFAR100_TRAIN_SIZE = 50000  # num_data of the methods that keep per-sample state (PS-KD's buffer)
 PIPELINES = ("torchvision", "tensor")
 # Freed memory goes back to the OS at once (no trimming threshold, no growing mmap threshold).
@@ -173,8 +174,11 @@ def measure(
     batch = (torch.randn(batch_size, 3, size, size), torch.randint(0, num_classes, (batch_size,)), torch.arange(batch_size))
     batch = tuple(item.to(device) for item in batch)
     with tempfile.TemporaryDirectory() as log_prefix:  # the trainer's logs, unread
+        # A small learning rate: the teacher's weights are random, and VID's loss on its features
+        # overflows within a few steps at 0.05; the step's cost does not depend on it.
         cfg = load_cfg(None, ["LOG.PREFIX", log_prefix, "SOLVER.AMP", amp, "SOLVER.CHANNELS_LAST", channels_last,
-                              "SOLVER.TRAINER", method_cfg.SOLVER.TRAINER, "SOLVER.COMPILE", compiled])
+                              "SOLVER.TRAINER", method_cfg.SOLVER.TRAINER, "SOLVER.COMPILE", compiled,
+                              "SOLVER.LR", BENCHMARK_LR])
         trainer = Trainer("benchmark", distiller, [batch], [batch[:2]], cfg, device)
         trainer.tf_writer.close()
     trainer.model.train()  # a distiller keeps its teacher in eval mode

@@ -58,6 +58,10 @@ TEXT_REWRITES = {
 }
 FOREIGN_WORDS = ("mdistiller_lakd", "docs/", "this project")  # none may survive the rewrite
 
+# Methods for this project's trainer hooks that upstream's trainer never calls (SOLVER.COMPILE's
+# plan) -> the names of our _base only they use: both are left out of the shipped files.
+TRAINER_ONLY_METHODS = {"compile_plan": ("CompileTarget",)}
+
 
 class GenerationError(ValueError):
     """A file of this project cannot be shipped as it is; the message names the file and why."""
@@ -134,6 +138,34 @@ def _check_library(name: str, where: str) -> None:
     raise GenerationError(f"{where} imports {name}: upstream mdistiller ships LAKD with torch alone")
 
 
+def strip_trainer_only_methods(text: str, ours: str) -> str:
+    """``text`` without the methods of ``TRAINER_ONLY_METHODS`` (and the blank line before each)
+    and without the names only they import; raises ``GenerationError`` if such a name is still used."""
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    edits, dropped = [], set()  # (first line, last line, replacement), 1-based
+    for node in ast.walk(tree):
+        for item in getattr(node, "body", []) if isinstance(node, ast.ClassDef) else []:
+            if isinstance(item, ast.FunctionDef) and item.name in TRAINER_ONLY_METHODS:
+                first = min([item.lineno] + [d.lineno for d in item.decorator_list])
+                first -= lines[first - 2].strip() == ""
+                edits.append((first, item.end_lineno, []))
+                dropped.update(TRAINER_ONLY_METHODS[item.name])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and dropped & {alias.name for alias in node.names}:
+            kept = [alias for alias in node.names if alias.name not in dropped]
+            statement = ast.ImportFrom(module=node.module, names=kept, level=node.level)
+            edits.append((node.lineno, node.end_lineno, [ast.unparse(statement) + "\n"] if kept else []))
+    for first, last, new in sorted(edits, reverse=True):
+        lines[first - 1: last] = new
+    text = "".join(lines)
+    for name in dropped:
+        if re.search(rf"\b{name}\b", text):
+            raise GenerationError(f"mdistiller_lakd/{ours} uses {name} outside {', '.join(TRAINER_ONLY_METHODS)}, "
+                                  "which upstream's _base does not define")
+    return text
+
+
 def rewrite_text(text: str, ours: str) -> str:
     for old, new in TEXT_REWRITES.items():
         text = text.replace(old, new)
@@ -152,6 +184,7 @@ def shipped_files(provided: dict[str, set[str]]) -> dict[str, str]:
     files = {}
     for ours, theirs in SHIPPED.items():
         text = (PACKAGE_ROOT / ours).read_text(encoding="utf-8")
+        text = strip_trainer_only_methods(text, ours)
         files[theirs] = rewrite_text(rewrite_imports(text, ours, provided), ours)
     return files
 
