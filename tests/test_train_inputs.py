@@ -169,3 +169,14 @@ def test_a_short_trial_of_a_shipped_config_trains_with_one_warning_line(cifar100
     worklogs = [os.path.join(root, "worklog.txt") for root, _, files in os.walk(tmp_path / "out") if "worklog.txt" in files]
     with open(worklogs[0]) as f:
         assert "epoch: 1\nlr: 0.05\n" in f.read() and len(worklogs) == 1
+
+
+def test_options_after_the_overrides_are_read_as_options():
+    """The previous command with ``--resume`` appended, as upstream users retype it."""
+    parse_arguments = runpy.run_path(os.path.join(REPO_ROOT, "tools", "train.py"))["parse_arguments"]
+    args = parse_arguments(["--cfg", "a.yaml", "SOLVER.EPOCHS", "1", "--resume", "SOLVER.LR", "-1", "--name", "x"])
+    assert (args.cfg, args.resume, args.name, args.opts) == ("a.yaml", True, "x", ["SOLVER.EPOCHS", "1", "SOLVER.LR", "-1"])
+    args = parse_arguments(["--cfg", "a.yaml", "EXPERIMENT.TAG", "--resume"])  # a value, not an option
+    assert (args.resume, args.opts) == (False, ["EXPERIMENT.TAG", "--resume"])
+    with pytest.raises(SystemExit):
+        parse_arguments(["--cfg", "a.yaml", "SOLVER.EPOCHS", "1", "--no-such-option"])

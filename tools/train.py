@@ -28,7 +28,10 @@ from mdistiller_lakd.engine.trainer import NonFiniteLossError, Trainer
 from mdistiller_lakd.engine.utils import experiment_name, log_msg, seed_everything
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, options also after the overrides (``... SOLVER.EPOCHS 1 --resume``, the
+    previous command with ``--resume`` appended): argparse's REMAINDER takes everything after the
+    first override, so an option found where a KEY should be is parsed out of it as an option."""
     parser = argparse.ArgumentParser("training for knowledge distillation.")
     parser.add_argument("--cfg", type=str, required=True, help="a YAML config file")
     parser.add_argument("--resume", action="store_true", help="continue the run from its `latest` checkpoint")
@@ -36,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
                         "overrides, as upstream names it)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. SOLVER.LR 0.1")
     args = parser.parse_args(argv)
+    while True:
+        option_at = next((i for i in range(0, len(args.opts), 2) if args.opts[i].startswith("--")), None)
+        if option_at is None:
+            return args
+        later = parser.parse_args(["--cfg", args.cfg, *args.opts[option_at:]])
+        later.resume = later.resume or args.resume
+        later.name = later.name or args.name
+        later.opts = args.opts[:option_at] + later.opts
+        args = later
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
 
     torch.backends.cudnn.benchmark = True
     lock = None
