@@ -28,6 +28,11 @@ from mdistiller_lakd.engine.trainer import NonFiniteLossError, Trainer
 from mdistiller_lakd.engine.utils import experiment_name, log_msg, seed_everything
 
 
+def first_option_at(opts: list[str]) -> int | None:
+    """Where the first ``--option`` stands in a KEY's place (an even position) of the overrides."""
+    return next((i for i in range(0, len(opts), 2) if opts[i].startswith("--")), None)
+
+
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, options also after the overrides (``... SOLVER.EPOCHS 1 --resume``, the
     previous command with ``--resume`` appended): argparse's REMAINDER takes everything after the
@@ -39,15 +44,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         "overrides, as upstream names it)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. SOLVER.LR 0.1")
     args = parser.parse_args(argv)
-    while True:
-        option_at = next((i for i in range(0, len(args.opts), 2) if args.opts[i].startswith("--")), None)
-        if option_at is None:
-            return args
-        later = parser.parse_args(["--cfg", args.cfg, *args.opts[option_at:]])
-        later.resume = later.resume or args.resume
-        later.name = later.name or args.name
-        later.opts = args.opts[:option_at] + later.opts
-        args = later
+    while (option_at := first_option_at(args.opts)) is not None:
+        overrides = args.opts[:option_at]
+        # Parsed into the same namespace: options already read keep their values.
+        args = parser.parse_args(["--cfg", args.cfg, *args.opts[option_at:]], namespace=args)
+        args.opts = overrides + args.opts
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
